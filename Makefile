@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CACHE := $(CURDIR)/.cache
+# Persistent caches so JIT builds (DeepSpeed ops, inductor) are paid once per checkout.
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# CPU torch first (a local wheel), then the project pinned by constraints-cpu.txt,
+# so pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ms-ray demo jobs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) $(CACHE) .pytest_cache

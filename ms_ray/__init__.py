@@ -1,0 +1,1 @@
+"""ms_ray: multi-stream language models on Ray."""

@@ -1,0 +1,346 @@
+"""Row decoding for many sessions at once, with a slot-based KV cache.
+
+Every `step()` builds one new row for every open session and runs ONE batched forward pass:
+  - output cells are sampled from the previous row's logits (or forced, when tokens were pushed);
+  - input cells are injected from outside: one pushed token per row, silence when none is queued;
+  - the new row (C cells per session) attends to its session's whole cache plus itself.
+Sessions have different lengths: each owns a slot of the cache [slots, kv_heads, cells, head_dim]
+and its length; the mask hides what lies beyond. Sessions join (with a one-pass prefill) and
+leave between steps; leaving moves the last slot into the hole, so slots 0..n-1 stay dense.
+Host and device meet once per step (the new rows, for the stop rules), never per token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import MultiStreamLM, allowed
+from .streams import StreamSchema, TableError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    silence_penalty: float = 0.0  # subtracted from the silence logit (talk more when > 0)
+
+
+@dataclass(frozen=True)
+class StopRules:
+    max_new_rows: int | None = 256  # rows produced by step() for this session
+    end_streams: tuple[str, ...] | None = None  # None: every output stream with an end token
+    silent_rows: int | None = None  # end after this many consecutive all-silent rows
+
+
+@dataclass
+class DecodedRow:
+    session: str
+    row: int  # row index within the session (prefill rows count)
+    tokens: list[int]  # [C], in schema order
+    logits: torch.Tensor | None = None  # [C, V] of this row (predicting the next one)
+    done: str | None = None  # why the session ended with this row, if it did
+
+
+@dataclass
+class _Session:
+    id: str
+    slot: int
+    rows: int  # rows in the cache
+    queues: list[deque]  # per stream: pushed tokens, one consumed per row
+    sampling: list[Sampling]  # per stream
+    stop: StopRules
+    end_ids: dict[int, int]  # stream index -> end token id still awaited
+    new_rows: int = 0
+    silent_run: int = 0
+    has_logits: bool = False  # False until a row was forwarded: nothing to sample from yet
+    ended: set[int] = field(default_factory=set)  # output streams that emitted their end token
+
+
+class SlotCache:
+    """KV cache with one slot per session, duck-typed to what HF attention layers call
+    (`update`). Before each forward the decoder sets which slots it runs (`view`) and where
+    the new cells go (`write_slots`, `write_pos`, both [n, Q])."""
+
+    def __init__(self, slots: int, cells: int):
+        self.slots, self.cells = slots, cells
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.view = slice(0, 0)
+        self.kv_len = 0
+        self.write_slots = self.write_pos = None
+
+    def reserve(self, slots: int, cells: int) -> None:
+        """Grow capacity (doubling) so `slots` sessions of `cells` cells fit."""
+        if slots > self.slots:
+            self.slots = max(slots, 2 * self.slots)
+        if cells > self.cells:
+            self.cells = max(cells, 2 * self.cells)
+
+    def _buffer(self, store: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
+        buf = store.get(layer)
+        if buf is None or buf.shape[0] < self.slots or buf.shape[2] < self.cells:
+            # zeros, not empty: masked-out garbage must stay finite (0 * NaN is NaN)
+            new = like.new_zeros(self.slots, like.shape[1], self.cells, like.shape[3])
+            if buf is not None:
+                new[: buf.shape[0], :, : buf.shape[2]] = buf
+            store[layer] = buf = new
+        return buf
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """key/value_states [n, kv_heads, Q, D] -> this forward's slots [n, kv_heads, kv_len, D]."""
+        out = []
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            buf = self._buffer(store, layer_idx, new)
+            buf[self.write_slots, :, self.write_pos] = new.transpose(1, 2)  # [n, Q, heads, D]
+            out.append(buf[self.view, :, : self.kv_len])
+        return out[0], out[1]
+
+    def move(self, src: int, dst: int, cells: int) -> None:
+        for store in (self.keys, self.values):
+            for buf in store.values():
+                buf[dst, :, :cells] = buf[src, :, :cells]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+
+def sample(logits, temperature, top_k, top_p, silence_penalty, silence_id, generator=None):
+    """Vectorised per-cell sampling. logits [n, C, V]; settings [n, C] -> tokens [n, C]."""
+    logits = logits.float()
+    logits = logits - silence_penalty[..., None] * torch.nn.functional.one_hot(
+        torch.tensor(silence_id, device=logits.device), logits.shape[-1]
+    )
+    greedy = logits.argmax(-1)
+    if not bool((temperature > 0).any()):
+        return greedy
+    V = logits.shape[-1]
+    scaled = logits / temperature.clamp(min=1e-5)[..., None]
+    sorted_logits, order = scaled.sort(-1, descending=True)  # [n, C, V]
+    ranks = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k, V)[..., None]
+    probs = sorted_logits.softmax(-1)
+    beyond_p = (probs.cumsum(-1) - probs) > top_p[..., None]  # never removes the top token
+    sorted_logits = sorted_logits.masked_fill((ranks >= k) | beyond_p, float("-inf"))
+    pick = torch.multinomial(sorted_logits.softmax(-1).view(-1, V), 1, generator=generator)
+    sampled = order.gather(-1, pick.view(*order.shape[:2], 1)).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+class RowDecoder:
+    """Decode many multi-stream sessions together, one row per `step()`."""
+
+    def __init__(self, model: MultiStreamLM, max_sessions: int | None = None, seed: int = 0, initial_rows: int = 64):
+        self.model = model.eval()
+        self.schema: StreamSchema = model.schema
+        self.C = self.schema.num_streams
+        self.silence = self.schema.silence_id
+        self.max_sessions = max_sessions
+        self.device = model.device
+        self.cache = SlotCache(slots=4, cells=initial_rows * self.C)
+        self.sessions: dict[str, _Session] = {}
+        self.by_slot: list[_Session] = []
+        self.next_logits: torch.Tensor | None = None  # [slots, C, V], the last row's logits
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._settings = None  # cached sampling tensors; rebuilt when sessions change
+        self._ids = itertools.count()
+        self.streams = torch.arange(self.C, device=self.device)
+
+    # ---- sessions ------------------------------------------------------------------------
+    def open(self, session_id=None, prefill=None, sampling=None, stop: StopRules | None = None) -> str:
+        """Open a session. prefill: rows known in advance [P, C] (one forward pass).
+        sampling: one Sampling for every output stream, or {stream name: Sampling}."""
+        sid = str(next(self._ids)) if session_id is None else str(session_id)
+        if sid in self.sessions:
+            raise ValueError(f"session {sid!r} is already open")
+        if self.max_sessions is not None and len(self.sessions) >= self.max_sessions:
+            raise RuntimeError(f"decoder is full: {len(self.sessions)} of {self.max_sessions} sessions open")
+        stop = stop or StopRules()
+        session = _Session(
+            sid, len(self.by_slot), 0, [deque() for _ in range(self.C)],
+            self._per_stream(sampling), stop, self._end_ids(stop),
+        )
+        rows = self._as_rows(prefill)
+        self.sessions[sid] = session
+        self.by_slot.append(session)
+        self._settings = None
+        if rows is not None and len(rows):
+            with torch.no_grad():
+                logits = self._forward([session], rows[None], last_row_only=True)  # [1, C, V]
+            self._store_logits([session], logits)
+            session.rows = len(rows)
+        return sid
+
+    def push(self, session_id, stream: str, token_ids) -> None:
+        """Queue tokens on a stream: input streams consume one per row (silence when empty);
+        on an output stream the tokens are forced instead of sampled (teacher forcing)."""
+        session = self._session(session_id)
+        try:
+            s = self.schema.index(stream)
+        except KeyError as e:
+            raise KeyError(f"session {session.id!r}: {e.args[0]}") from None
+        ids = [int(t) for t in (token_ids.tolist() if torch.is_tensor(token_ids) else token_ids)]
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise TableError(f"session {session.id!r}, stream {stream!r}: token ids {bad} out of range [0, {self.model.vocab_size})")
+        session.queues[s].extend(ids)
+
+    def close(self, session_id) -> None:
+        session = self._session(session_id)
+        del self.sessions[session.id]
+        last = self.by_slot.pop()
+        if last is not session:  # fill the hole with the last slot so slots stay dense
+            self.cache.move(last.slot, session.slot, last.rows * self.C)
+            if self.next_logits is not None:
+                self.next_logits[session.slot] = self.next_logits[last.slot]
+            last.slot = session.slot
+            self.by_slot[session.slot] = last
+        self._settings = None
+
+    def pending(self, session_id) -> list[int]:
+        """How many pushed tokens wait on each stream."""
+        return [len(q) for q in self._session(session_id).queues]
+
+    # ---- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, return_logits: bool = False) -> list[DecodedRow]:
+        """Advance every open session by one row in one batched forward pass."""
+        active = list(self.by_slot)
+        if not active:
+            return []
+        forced, use_forced = self._forced_cells(active)  # [n, C] each, on host
+        forced = torch.tensor(forced, device=self.device)
+        use_forced = torch.tensor(use_forced, device=self.device)
+        if self.next_logits is None:
+            rows = forced
+        else:
+            sampled = sample(self.next_logits[: len(active)], *self._sampling_tensors(), self.silence, self.generator)
+            rows = torch.where(use_forced, forced, sampled)  # [n, C]
+        logits = self._forward(active, rows[:, None])  # [n, C, V]
+        self._store_logits(active, logits)
+        host_rows = rows.tolist()  # the one host sync of the step
+        out = []
+        for session, tokens in zip(active, host_rows):
+            session.rows += 1
+            session.new_rows += 1
+            done = self._check_stop(session, tokens)
+            out.append(DecodedRow(session.id, session.rows - 1, tokens, logits[session.slot] if return_logits else None, done))
+        for row in out:
+            if row.done:
+                self.close(row.session)
+        return out
+
+    def _forced_cells(self, active):
+        """Host-side: the token of every cell that is not sampled, and which cells those are."""
+        forced, use = [], []
+        for session in active:
+            f_row, u_row = [], []
+            for s, spec in enumerate(self.schema.streams):
+                q = session.queues[s]
+                if q:
+                    f_row.append(q.popleft()), u_row.append(True)
+                elif spec.role == "input" or not session.has_logits or s in session.ended:
+                    f_row.append(self.silence), u_row.append(True)
+                else:
+                    f_row.append(self.silence), u_row.append(False)
+            forced.append(f_row), use.append(u_row)
+        return forced, use
+
+    def _forward(self, sessions, rows: torch.Tensor, last_row_only: bool = False) -> torch.Tensor:
+        """rows [n, Q_rows, C] for consecutive slots -> logits [n, C, V] of each last row."""
+        n, q_rows, C = rows.shape
+        Q = q_rows * C
+        first = sessions[0].slot
+        start = torch.tensor([s.rows * C for s in sessions], device=self.device)  # [n] cells so far
+        q_idx = start[:, None] + torch.arange(Q, device=self.device)  # [n, Q] flat cell index
+        kv_len = max(s.rows for s in sessions) * C + Q
+        self.cache.reserve(first + n, kv_len)
+        self.cache.view = slice(first, first + n)
+        self.cache.kv_len = kv_len
+        self.cache.write_slots = torch.arange(first, first + n, device=self.device)[:, None].expand(n, Q)
+        self.cache.write_pos = q_idx
+
+        k_idx = torch.arange(kv_len, device=self.device)
+        same_doc = torch.zeros((), device=self.device)  # one session = one document
+        ok = allowed(q_idx[:, :, None], k_idx[None, None, :], same_doc, same_doc, C)  # [n, Q, kv_len]
+        dtype = self.model.stream_embed.weight.dtype
+        mask = torch.zeros(n, 1, Q, kv_len, dtype=dtype, device=self.device)
+        mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
+        x = self.model.embed(rows.reshape(n, Q), self.streams.repeat(q_rows))  # [n, Q, H]
+        out = self.model.base(
+            inputs_embeds=x, attention_mask=mask, position_ids=q_idx // C, cache=self.cache,
+            use_cache=True, logits_to_keep=C if last_row_only else 0,
+        )
+        return out.logits[:, -C:]  # [n, C, V]
+
+    def _store_logits(self, sessions, logits):
+        first, n = sessions[0].slot, len(sessions)
+        if self.next_logits is None or self.next_logits.shape[0] < self.cache.slots:
+            grown = logits.new_zeros(self.cache.slots, self.C, logits.shape[-1])
+            if self.next_logits is not None:
+                grown[: self.next_logits.shape[0]] = self.next_logits
+            self.next_logits = grown
+        self.next_logits[first : first + n] = logits
+        for s in sessions:
+            s.has_logits = True
+
+    def _check_stop(self, session: _Session, tokens: list[int]) -> str | None:
+        for s, end_id in session.end_ids.items():
+            if tokens[s] == end_id:
+                session.ended.add(s)
+        session.silent_run = session.silent_run + 1 if all(t == self.silence for t in tokens) else 0
+        stop = session.stop
+        if session.end_ids and len(session.ended) == len(session.end_ids):
+            return "end_token"
+        if stop.silent_rows is not None and session.silent_run >= stop.silent_rows:
+            return "silence"
+        if stop.max_new_rows is not None and session.new_rows >= stop.max_new_rows:
+            return "max_rows"
+        return None
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _session(self, session_id) -> _Session:
+        session = self.sessions.get(str(session_id))
+        if session is None:
+            raise KeyError(f"unknown session {session_id!r}; open sessions: {sorted(self.sessions)}")
+        return session
+
+    def _per_stream(self, sampling) -> list[Sampling]:
+        if sampling is None or isinstance(sampling, Sampling):
+            return [sampling or Sampling()] * self.C
+        unknown = set(sampling) - set(self.schema.names)
+        if unknown:
+            raise KeyError(f"sampling names unknown streams {sorted(unknown)}; streams: {self.schema.names}")
+        return [sampling.get(name, Sampling()) for name in self.schema.names]
+
+    def _end_ids(self, stop: StopRules) -> dict[int, int]:
+        ends = self.schema.end_ids()
+        names = stop.end_streams if stop.end_streams is not None else [
+            s.name for s in self.schema.streams if s.role == "output" and s.name in ends
+        ]
+        missing = [n for n in names if n not in ends]
+        if missing:
+            raise KeyError(f"end_streams {missing} have no end token in the schema")
+        return {self.schema.index(n): ends[n] for n in names}
+
+    def _as_rows(self, prefill) -> torch.Tensor | None:
+        if prefill is None:
+            return None
+        rows = torch.as_tensor(prefill, dtype=torch.long, device=self.device)
+        if rows.dim() != 2 or rows.shape[1] != self.C:
+            raise TableError(f"prefill: expected rows [R, {self.C}] for streams {self.schema.names}, got {tuple(rows.shape)}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.model.vocab_size):
+            raise TableError(f"prefill: token ids out of range [0, {self.model.vocab_size})")
+        return rows
+
+    def _sampling_tensors(self):
+        """Per-cell sampling settings [n, C] each, rebuilt only when the sessions change."""
+        if self._settings is None:
+            table = [[(p.temperature, p.top_k, p.top_p, p.silence_penalty) for p in s.sampling] for s in self.by_slot]
+            t = torch.tensor(table, dtype=torch.float, device=self.device)  # [n, C, 4]
+            self._settings = (t[..., 0], t[..., 1].long(), t[..., 2], t[..., 3])
+        return self._settings

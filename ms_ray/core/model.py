@@ -1,0 +1,253 @@
+"""The multi-stream model: any Hugging Face decoder-only causal LM, read as a table of streams.
+
+Shapes: B batch, R rows (time steps), C streams, S = R*C flattened cells (row-major:
+r0s0, r0s1, ..., r1s0, ...), H hidden size, V vocabulary. The rule, exactly:
+  - cell i attends cell j iff same packed document and (row(j) < row(i) or j == i);
+  - RoPE position = row index, restarting at every packed document;
+  - a learned per-stream embedding (zero-initialised) is added to the token embedding;
+  - the logit at cell (r, s) predicts the token at (r+1, s), weighted per stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .streams import StreamSchema, TableError, check_table, next_row_labels
+
+ATTN_IMPL = "ms_ray"  # registered below; dispatches on the type of the mask it is given
+STREAM_EMBED_FILE = "stream_embeddings.safetensors"
+FORMAT_FILE = "ms_ray.json"
+FORMAT_VERSION = 1
+IGNORE = -100
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+except ImportError:  # very old torch: sdpa only
+    BlockMask, create_block_mask = None, None
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """One attention entry point for every wrapped model: a BlockMask goes to FlexAttention,
+    a float mask to sdpa. Lets one model train with FlexAttention and decode with sdpa."""
+    if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        from transformers.integrations.flex_attention import flex_attention_forward
+
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, _attention)
+
+
+# ---- positions and masks -----------------------------------------------------------------
+def row_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, R]: the row index, restarting at the first row of every document."""
+    B, R = doc_ids.shape
+    rows = torch.arange(R, device=doc_ids.device).expand(B, R)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first_row = torch.where(starts, rows, torch.zeros_like(rows)).cummax(dim=1).values
+    return rows - first_row
+
+
+def allowed(q_idx, k_idx, q_doc, k_doc, num_streams: int) -> torch.Tensor:
+    """The visibility rule on flat cell indices (any broadcastable shapes): same document and
+    (earlier row or the cell itself). Tokens of one row never see each other."""
+    earlier_row = (k_idx // num_streams) < (q_idx // num_streams)
+    return (q_doc == k_doc) & (earlier_row | (k_idx == q_idx))
+
+
+def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask [B, 1, S, S] (0 = attend, dtype-min = blocked), built vectorised."""
+    B, R = doc_ids.shape
+    S = R * num_streams
+    idx = torch.arange(S, device=doc_ids.device)
+    cell_doc = doc_ids.repeat_interleave(num_streams, dim=1)  # [B, S]
+    ok = allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams)
+    mask = torch.zeros(B, 1, S, S, dtype=dtype, device=doc_ids.device)
+    return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
+
+
+def flex_mask(doc_ids: torch.Tensor, num_streams: int):
+    """FlexAttention BlockMask for the same rule: O(S^2 / block^2) memory instead of O(S^2)."""
+    B, R = doc_ids.shape
+    S = R * num_streams
+    cell_doc = doc_ids.repeat_interleave(num_streams, dim=1).contiguous()  # [B, S]
+
+    def mask_mod(b, h, q, k):
+        return allowed(q, k, cell_doc[b, q], cell_doc[b, k], num_streams)
+
+    compile_it = doc_ids.device.type == "cuda"
+    return create_block_mask(mask_mod, B, None, S, S, device=doc_ids.device, _compile=compile_it)
+
+
+# ---- the model ---------------------------------------------------------------------------
+@dataclass
+class MultiStreamOutput:
+    logits: torch.Tensor  # [B, R, C, V]
+    loss: torch.Tensor | None = None  # weighted CE sum / normaliser
+    loss_sum: torch.Tensor | None = None  # weighted CE summed over supervised cells
+    num_supervised: torch.Tensor | None = None  # cells with a label and weight > 0
+    stream_loss_sum: torch.Tensor | None = None  # [C] unweighted CE sums, for logging
+    stream_count: torch.Tensor | None = None  # [C] labelled cells per stream
+
+    def stream_losses(self, schema: StreamSchema) -> dict[str, float]:
+        """Mean CE per stream (NaN-free: streams without labels are left out)."""
+        sums, counts = self.stream_loss_sum.tolist(), self.stream_count.tolist()
+        return {n: s / c for n, s, c in zip(schema.names, sums, counts) if c > 0}
+
+
+class MultiStreamLM(nn.Module):
+    """Wraps a HF causal LM (`base`) so that it reads and writes tables of streams."""
+
+    def __init__(self, base: PreTrainedModel, schema: StreamSchema, attention: str = "auto"):
+        super().__init__()
+        if attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {attention!r}")
+        self.base = base
+        self.schema = schema
+        self.attention = attention
+        base.config._attn_implementation = ATTN_IMPL
+        hidden = base.get_input_embeddings().embedding_dim
+        self.stream_embed = nn.Embedding(schema.num_streams, hidden)
+        nn.init.zeros_(self.stream_embed.weight)  # a pretrained model starts unchanged
+        self.stream_embed.to(device=base.device, dtype=base.dtype)
+
+    @property
+    def num_streams(self) -> int:
+        return self.schema.num_streams
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.get_input_embeddings().num_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.stream_embed.weight.device
+
+    def use_flex(self, device: torch.device) -> bool:
+        if self.attention == "auto":
+            return device.type == "cuda" and create_block_mask is not None
+        return self.attention == "flex"
+
+    def embed(self, flat_tokens: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        """Token embedding + stream embedding: flat_tokens [B, N], streams [N] -> [B, N, H]."""
+        tok = self.base.get_input_embeddings()(flat_tokens)
+        return tok + self.stream_embed(streams).to(tok.dtype)[None]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        loss: bool = False,
+        normaliser: float | torch.Tensor | None = None,
+    ) -> MultiStreamOutput:
+        """tokens [B, R, C]; doc_ids [B, R] (packed documents, -1 = padding; default one
+        document); labels [B, R, C] (default with loss=True: next row, same stream).
+        `normaliser` replaces the local count of supervised cells, so data-parallel ranks
+        can divide by the global count."""
+        check_table(tokens, self.schema, self.vocab_size)
+        B, R, C = tokens.shape
+        if doc_ids is None:
+            doc_ids = torch.zeros(B, R, dtype=torch.long, device=tokens.device)
+        elif doc_ids.shape != (B, R):
+            raise TableError(f"doc_ids: expected shape {(B, R)}, got {tuple(doc_ids.shape)}")
+
+        S = R * C
+        streams = torch.arange(S, device=tokens.device) % C  # [S]
+        x = self.embed(tokens.reshape(B, S), streams)  # [B, S, H]
+        positions = row_positions(doc_ids).repeat_interleave(C, dim=1)  # [B, S]
+        if self.use_flex(tokens.device):
+            mask = flex_mask(doc_ids, C)
+        else:
+            mask = dense_mask(doc_ids, C, x.dtype)  # [B, 1, S, S]
+        out = self.base(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = out.logits.view(B, R, C, -1)  # [B, R, C, V]
+
+        if labels is None and not loss:
+            return MultiStreamOutput(logits)
+        if labels is None:
+            labels = next_row_labels(tokens, doc_ids, IGNORE)
+        return self.weighted_loss(logits, labels, normaliser)
+
+    def weighted_loss(self, logits, labels, normaliser=None) -> MultiStreamOutput:
+        """Next-row CE per cell, weighted per stream, divided by the supervised-cell count."""
+        B, R, C, V = logits.shape
+        if labels.shape != (B, R, C):
+            raise TableError(f"labels: expected shape {(B, R, C)}, got {tuple(labels.shape)}")
+        ce = F.cross_entropy(
+            logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(B, R, C)
+        labelled = labels != IGNORE  # [B, R, C]
+        weights = torch.tensor(self.schema.loss_weights, device=logits.device)  # [C]
+        cell_w = labelled * weights  # [B, R, C]
+        loss_sum = (ce * cell_w).sum()
+        num_supervised = (cell_w > 0).sum()
+        denom = num_supervised.clamp(min=1) if normaliser is None else normaliser
+        with torch.no_grad():
+            stream_loss_sum = (ce * labelled).sum(dim=(0, 1))
+            stream_count = labelled.sum(dim=(0, 1))
+        return MultiStreamOutput(logits, loss_sum / denom, loss_sum, num_supervised, stream_loss_sum, stream_count)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> Path:
+        """One folder: standard HF config + safetensors for the base model (readable by any HF
+        tool), the stream schema and the stream embedding beside them, and the tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.base.save_pretrained(folder)
+        save_file({"weight": self.stream_embed.weight.detach().cpu().contiguous()}, folder / STREAM_EMBED_FILE)
+        self.schema.save(folder)
+        (folder / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, attention: str = "auto", dtype=None, device=None) -> "MultiStreamLM":
+        folder = Path(folder)
+        if not (folder / FORMAT_FILE).exists():
+            raise FileNotFoundError(
+                f"{folder} is not a multi-stream checkpoint (no {FORMAT_FILE}); "
+                "to convert a plain HF model use MultiStreamLM.from_base"
+            )
+        schema = StreamSchema.load(folder)
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", attn_implementation="sdpa")
+        model = cls(base, schema, attention)
+        weight = load_file(str(folder / STREAM_EMBED_FILE))["weight"]
+        if weight.shape != model.stream_embed.weight.shape:
+            raise TableError(
+                f"{folder / STREAM_EMBED_FILE}: stream embedding shape {tuple(weight.shape)} does not match "
+                f"schema ({schema.num_streams} streams) and hidden size"
+            )
+        with torch.no_grad():
+            model.stream_embed.weight.copy_(weight)
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def from_base(cls, base, schema: StreamSchema, tokenizer=None, attention: str = "auto"):
+        """Turn a single-stream HF model (a folder, or a loaded model plus its tokenizer) into a
+        multi-stream one: add the schema's special tokens, resize the embeddings (new rows at
+        the mean of the old ones), bind the schema. Returns (model, tokenizer)."""
+        if isinstance(base, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(base)
+            base = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+        if tokenizer is None:
+            raise ValueError("from_base needs the base model's tokenizer")
+        schema.add_special_tokens(tokenizer)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        return cls(base, schema.bind(tokenizer), attention), tokenizer
