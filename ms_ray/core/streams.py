@@ -248,3 +248,14 @@ def next_row_labels(tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, i
     else:
         labels[:, -1] = ignore
     return labels
+
+
+def format_table(rows: list[list[int]], schema: StreamSchema, id_to_token, first_row: int = 0, width: int = 14) -> str:
+    """Render rows side by side, one column per stream; silent cells shown as '·'."""
+    silence = schema.token_ids.get(schema.silence_token)
+    head = f"{'row':>4} | " + " | ".join(f"{n:<{width}}" for n in schema.names)
+    lines = [head, "-" * len(head)]
+    for r, row in enumerate(rows, start=first_row):
+        cells = ["·" if t == silence else id_to_token(t) for t in row]
+        lines.append(f"{r:>4} | " + " | ".join(f"{c[:width]:<{width}}" for c in cells))
+    return "\n".join(lines)

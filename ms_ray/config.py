@@ -1,0 +1,141 @@
+"""One typed config tree, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config(DemoConfig, "jobs/demo.yaml", ["model.hidden_size=64"])
+
+Unknown keys and wrong types fail at load time with the file and the dotted field named,
+before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .core.decode import Sampling, StopRules
+from .core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- shared sections ---------------------------------------------------------------------
+class StreamConfig(Strict):
+    name: str
+    role: Literal["input", "output"]
+    loss_weight: float | None = None
+    end_token: str | None = None
+
+
+class SchemaConfig(Strict):
+    streams: list[StreamConfig] = Field(min_length=1)
+    silence_token: str = DEFAULT_SILENCE
+    pad_token: str = DEFAULT_PAD
+
+    def build(self) -> StreamSchema:
+        return StreamSchema(
+            tuple(StreamSpec(**s.model_dump()) for s in self.streams), self.silence_token, self.pad_token
+        )
+
+
+class ModelConfig(Strict):
+    family: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    pretrained: str | None = None  # a HF folder; when set, the sizes below are ignored
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    tie_embeddings: bool = True
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    seed: int = 0
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    silence_penalty: float = 0.0
+
+    def build(self) -> Sampling:
+        return Sampling(**self.model_dump())
+
+
+class DecodeConfig(Strict):
+    max_new_rows: int | None = Field(64, gt=0)
+    silent_rows: int | None = Field(None, gt=0)
+    end_streams: list[str] | None = None
+    sampling: dict[str, SamplingConfig] = {}  # per output stream; missing streams are greedy
+    seed: int = 0
+
+    def stop_rules(self) -> StopRules:
+        ends = tuple(self.end_streams) if self.end_streams is not None else None
+        return StopRules(self.max_new_rows, ends, self.silent_rows)
+
+    def sampling_by_stream(self) -> dict[str, Sampling]:
+        return {name: s.build() for name, s in self.sampling.items()}
+
+
+# ---- commands ----------------------------------------------------------------------------
+class ScriptedInput(Strict):
+    row: int = Field(ge=0)  # the row at which the first word goes in
+    stream: str
+    text: str  # one word per row
+
+
+class DemoConfig(Strict):
+    """`ms-ray demo`: a tiny random model decoding a scripted session."""
+
+    schema_: SchemaConfig = Field(alias="schema")
+    model: ModelConfig = ModelConfig()
+    decode: DecodeConfig = DecodeConfig()
+    script: list[ScriptedInput] = []
+
+
+# ---- loading -----------------------------------------------------------------------------
+C = TypeVar("C", bound=BaseModel)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> C:
+    """Build `cls` from a YAML file (or a dict) plus dotted overrides, or raise ConfigError."""
+    source = str(path) if path else "<config>"
+    tree = dict(data or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping, got {type(loaded).__name__}")
+        tree.update(loaded or {})
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{source}: invalid {cls.__name__}:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Data: tokenizers, stream-table data sets, conversion and packing."""

@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from conftest import make_model
+from ms_ray.core.decode import RowDecoder, Sampling, StopRules, sample
+from ms_ray.core.families import FAMILIES
+from ms_ray.core.streams import TableError
+
+V = 40
+
+
+def teacher_forced(decoder, table, prefill_rows, session_id=None):
+    """Open a session with `prefill_rows` rows of `table` [R, C], then force every later cell by
+    pushing it on its stream; returns the session id."""
+    sid = decoder.open(session_id, prefill=table[:prefill_rows] if prefill_rows else None, stop=StopRules(None))
+    for s, name in enumerate(decoder.schema.names):
+        decoder.push(sid, name, table[prefill_rows:, s])
+    return sid
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_reproduces_teacher_forced_logits(family, bound):
+    model = make_model(bound, V, family)
+    table = torch.randint(3, V, (10, 3), generator=torch.Generator().manual_seed(0))
+    reference = model(table[None]).logits[0]  # [R, C, V]
+    for prefill in (0, 1, 4):
+        decoder = RowDecoder(model, initial_rows=2)  # small, so the cache grows mid-run
+        sid = teacher_forced(decoder, table, prefill)
+        for r in range(prefill, 10):
+            (row,) = decoder.step(return_logits=True)
+            assert row.session == sid and row.row == r and row.tokens == table[r].tolist()
+            torch.testing.assert_close(row.logits, reference[r], atol=1e-4, rtol=0)
+
+
+def test_sessions_together_equal_each_alone(bound):
+    """Greedy sessions of different lengths joining and leaving at different steps: the batched
+    decoder gives every session exactly the rows and logits it gets when decoded alone."""
+    model = make_model(bound, V, "qwen3")
+    gen = torch.Generator().manual_seed(1)
+    plans = [  # (join at step, prefill rows, user tokens pushed, rows to decode)
+        (0, 5, [4, 5, 6], 8), (0, 0, [7], 5), (2, 9, [], 6), (3, 1, [8, 9, 10, 11], 9), (5, 3, [12], 3),
+    ]
+    tables = [torch.randint(3, V, (max(p[1], 1), 3), generator=gen) for p in plans]
+
+    def run(indices):
+        decoder = RowDecoder(model, initial_rows=4)
+        rows = {i: [] for i in indices}
+        step = 0
+        while step < 20:
+            for i in indices:
+                join, prefill, user, n = plans[i]
+                if step == join:
+                    decoder.open(f"s{i}", prefill=tables[i][:prefill] if prefill else None, stop=StopRules(n))
+                    decoder.push(f"s{i}", "user", user)
+            for row in decoder.step(return_logits=True):
+                rows[int(row.session[1:])].append((row.row, row.tokens, row.logits, row.done))
+            step += 1
+        return rows
+
+    together = run(range(len(plans)))
+    for i in range(len(plans)):
+        alone = run([i])[i]
+        assert len(together[i]) == plans[i][3] == len(alone)
+        assert together[i][-1][3] == "max_rows"
+        for (r1, t1, l1, _), (r2, t2, l2, _) in zip(together[i], alone):
+            assert r1 == r2 and t1 == t2
+            torch.testing.assert_close(l1, l2, atol=1e-4, rtol=0)
+
+
+def test_input_injection_one_token_per_row_and_silence(model, bound):
+    decoder = RowDecoder(model)
+    sid = decoder.open(stop=StopRules(6))
+    decoder.push(sid, "user", [5, 6])
+    rows = [decoder.step()[0].tokens for _ in range(3)]
+    decoder.push(sid, "user", [7])
+    rows += [decoder.step()[0].tokens for _ in range(3)]
+    assert [r[0] for r in rows] == [5, 6, bound.silence_id, 7, bound.silence_id, bound.silence_id]
+    assert rows[0][1:] == [bound.silence_id] * 2  # nothing to predict the first row from
+
+
+def test_forcing_an_output_stream(model):
+    decoder = RowDecoder(model)
+    sid = decoder.open(prefill=[[3, 4, 5]], stop=StopRules(4))
+    decoder.push(sid, "output", [9, 10])
+    assert decoder.pending(sid) == [0, 0, 2]
+    rows = [decoder.step()[0].tokens for _ in range(4)]
+    assert [r[2] for r in rows[:2]] == [9, 10]
+
+
+def test_stop_rules(model, bound):
+    end = bound.end_ids()["output"]
+    decoder = RowDecoder(model)
+    a = decoder.open("a", stop=StopRules(max_new_rows=3))
+    b = decoder.open("b", stop=StopRules(max_new_rows=50))
+    decoder.push(b, "output", [7, end])
+    c = decoder.open("c", stop=StopRules(max_new_rows=50, end_streams=(), silent_rows=2))
+    decoder.push(c, "user", [5])
+    for stream in ("think", "output"):  # a random model rarely chooses silence: force it
+        decoder.push(c, stream, [bound.silence_id] * 3)
+    done = {}
+    for _ in range(6):
+        for row in decoder.step():
+            if row.done:
+                done[row.session] = (row.row, row.done)
+    assert done == {"a": (2, "max_rows"), "b": (1, "end_token"), "c": (2, "silence")}
+    assert decoder.sessions == {}
+
+
+def test_ended_stream_falls_silent(model, bound):
+    end = bound.end_ids()["output"]
+    decoder = RowDecoder(model)
+    sid = decoder.open(stop=StopRules(5, end_streams=("output",)))
+    decoder.push(sid, "output", [end])
+    (first,) = decoder.step()
+    assert first.done == "end_token"
+
+
+def test_sampling_rules():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 50, generator=gen)
+    zeros = torch.zeros(2, 3)
+    args = lambda t=zeros, k=zeros.long(), p=zeros + 1, pen=zeros: (t, k, p, pen)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, *args(), silence_id=0), greedy)
+    # top-k 1 and a tiny top-p are greedy even at a high temperature
+    hot = zeros + 5.0
+    assert torch.equal(sample(logits, *args(t=hot, k=zeros.long() + 1), 0, gen), greedy)
+    assert torch.equal(sample(logits, *args(t=hot, p=zeros + 1e-6), 0, gen), greedy)
+    # top-k 3: every draw is among the 3 best
+    draws = torch.stack([sample(logits, *args(t=hot, k=zeros.long() + 3), 0, gen) for _ in range(50)])
+    top3 = logits.topk(3, dim=-1).indices
+    assert (draws[..., None] == top3).any(-1).all()
+    assert len(draws.unique()) > 6  # and it does sample
+    # silence penalty: a silence-preferring logit row stops choosing silence
+    loud = logits.clone()
+    loud[..., 0] = 100
+    assert (sample(loud, *args(), 0) == 0).all()
+    assert (sample(loud, *args(pen=zeros + 1000), 0) != 0).all()
+    # same seed, same draws
+    a = sample(logits, *args(t=hot), 0, torch.Generator().manual_seed(3))
+    b = sample(logits, *args(t=hot), 0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_per_stream_sampling_settings(model):
+    decoder = RowDecoder(model, seed=1)
+    sid = decoder.open(prefill=[[3, 4, 5]], sampling={"think": Sampling(temperature=3.0)}, stop=StopRules(30))
+    rows = [decoder.step()[0].tokens for _ in range(30)]
+    assert len({r[1] for r in rows}) > 3  # think is sampled hot
+    with pytest.raises(KeyError, match="unknown streams \\['tool'\\]"):
+        decoder.open(sampling={"tool": Sampling()})
+
+
+def test_bad_requests_are_named(model):
+    decoder = RowDecoder(model, max_sessions=1)
+    sid = decoder.open("x")
+    with pytest.raises(KeyError, match="unknown session 'nope'; open sessions: \\['x'\\]"):
+        decoder.push("nope", "user", [1])
+    with pytest.raises(KeyError, match="session 'x': unknown stream 'tool'"):
+        decoder.push(sid, "tool", [1])
+    with pytest.raises(TableError, match="stream 'user': token ids \\[999\\] out of range"):
+        decoder.push(sid, "user", [999])
+    with pytest.raises(ValueError, match="already open"):
+        decoder.open("x")
+    with pytest.raises(RuntimeError, match="decoder is full"):
+        decoder.open("y")
+    decoder.close("x")
+    with pytest.raises(TableError, match="prefill: expected rows"):
+        decoder.open("z", prefill=[[1, 2]])
+    with pytest.raises(KeyError, match="unknown session"):
+        decoder.close("x")

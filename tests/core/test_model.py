@@ -1,0 +1,195 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model
+from ms_ray.core.families import FAMILIES, tiny_base_model
+from ms_ray.core.model import MultiStreamLM, allowed, dense_mask, flex_mask, row_positions
+from ms_ray.core.streams import SchemaError, StreamSchema, StreamSpec, TableError
+
+V = 40
+
+
+def random_docs(B, R, gen):
+    """Contiguous packed documents with trailing padding (-1), as the packer writes them."""
+    docs = torch.full((B, R), -1)
+    for b in range(B):
+        r, d = 0, 0
+        end = R - int(torch.randint(0, 3, (1,), generator=gen))
+        while r < end:
+            n = int(torch.randint(1, 5, (1,), generator=gen))
+            docs[b, r : min(r + n, end)] = d
+            r, d = r + n, d + 1
+    return docs
+
+
+def test_mask_equals_brute_force_rule():
+    gen = torch.Generator().manual_seed(0)
+    for C in (1, 2, 3, 5):
+        docs = random_docs(3, 7, gen)
+        mask = dense_mask(docs, C, torch.float32)
+        S = 7 * C
+        for b in range(3):
+            for i in range(S):
+                for j in range(S):
+                    ok = docs[b, i // C] == docs[b, j // C] and (j // C < i // C or i == j)
+                    assert (mask[b, 0, i, j] == 0) == bool(ok), (C, b, i, j)
+        assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
+
+
+def test_flex_block_mask_matches_rule():
+    gen = torch.Generator().manual_seed(1)
+    docs, C = random_docs(2, 9, gen), 3
+    block = flex_mask(docs, C)
+    S = 9 * C
+    q, k = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    for b in range(2):
+        via_mod = block.mask_mod(torch.tensor(b), torch.tensor(0), q, k)
+        assert torch.equal(via_mod, dense_mask(docs[b : b + 1], C, torch.float32)[0, 0] == 0)
+
+
+def test_row_positions_restart_per_document():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
+    assert row_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_rows_never_see_each_other():
+    q = torch.arange(6)[:, None]
+    k = torch.arange(6)[None, :]
+    ok = allowed(q, k, 0, 0, 3)
+    assert ok[4].tolist() == [True, True, True, False, True, False]  # row 1, stream 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality_through_the_model(family, bound):
+    model = make_model(bound, V, family)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(3, V, (1, 6, 3), generator=gen)
+    base = model(tokens).logits
+    r, s = 3, 1
+    changed = tokens.clone()
+    changed[0, r, s] = (tokens[0, r, s] + 1) % V
+    after = model(changed).logits
+    assert torch.equal(after[:, :r], base[:, :r])  # earlier rows: untouched, bit for bit
+    others = [c for c in range(3) if c != s]
+    assert torch.allclose(after[:, r, others], base[:, r, others], atol=1e-6)  # same row: invisible
+    assert not torch.allclose(after[:, r, s], base[:, r, s])  # the cell itself
+    for later in range(r + 1, 6):
+        assert not torch.allclose(after[:, later], base[:, later])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_batch_equals_documents_alone(family, bound):
+    model = make_model(bound, V, family)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [4, 2, 5]
+    docs_alone = [torch.randint(3, V, (1, n, 3), generator=gen) for n in lengths]
+    pad = torch.full((1, 2, 3), bound.pad_id)
+    packed = torch.cat([*docs_alone, pad], dim=1)
+    doc_ids = torch.tensor([[0] * 4 + [1] * 2 + [2] * 5 + [-1] * 2])
+    out = model(packed, doc_ids).logits
+    start = 0
+    for n, doc in zip(lengths, docs_alone):
+        torch.testing.assert_close(out[:, start : start + n], model(doc).logits, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_stream_equals_base_causal_lm(family):
+    schema = StreamSchema((StreamSpec("output", "output"),))
+    base = tiny_base_model(family, V)
+    model = MultiStreamLM(base, schema)  # stream embedding zero-initialised
+    assert torch.count_nonzero(model.stream_embed.weight) == 0
+    tokens = torch.randint(0, V, (2, 9, 1), generator=torch.Generator().manual_seed(4))
+    ours = model(tokens).logits[:, :, 0]
+    reference = AutoModelForCausalLM.from_config(base.config, attn_implementation="sdpa")
+    reference.load_state_dict(base.state_dict())
+    reference.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(ours, reference(input_ids=tokens[..., 0]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_matches_sdpa(bound):
+    """FlexAttention is the CUDA default; its forward runs on CPU too, so parity is checked here."""
+    model = make_model(bound, V)
+    tokens = torch.randint(3, V, (2, 6, 3), generator=torch.Generator().manual_seed(5))
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, -1]])
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        sdpa = model(tokens, docs).logits
+        model.attention = "flex"
+        torch.testing.assert_close(model(tokens, docs).logits, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_selection(model):
+    assert not model.use_flex(torch.device("cpu"))
+    assert model.use_flex(torch.device("cuda"))
+    model.attention = "sdpa"
+    assert not model.use_flex(torch.device("cuda"))
+    with pytest.raises(ValueError, match="attention must be"):
+        MultiStreamLM(model.base, model.schema, attention="eager")
+
+
+def test_loss_is_next_row_weighted_and_normalised(bound):
+    model = make_model(bound, V)
+    tokens = torch.randint(3, V, (2, 5, 3), generator=torch.Generator().manual_seed(6))
+    out = model(tokens, loss=True)
+    logits = out.logits
+    # by hand: cell (r, s) predicts (r+1, s); user weight 0, think 0.5, output 1
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(2, 4, 3)
+    weights = torch.tensor([0.0, 0.5, 1.0])
+    expected_sum = (ce * weights).sum()
+    assert out.num_supervised.item() == 2 * 4 * 2  # only the two output streams
+    torch.testing.assert_close(out.loss_sum, expected_sum)
+    torch.testing.assert_close(out.loss, expected_sum / 16)
+    losses = out.stream_losses(bound)
+    torch.testing.assert_close(torch.tensor(losses["user"]), ce[..., 0].mean())
+    torch.testing.assert_close(torch.tensor(losses["output"]), ce[..., 2].mean())
+    # a global normaliser (data-parallel) replaces the local count
+    torch.testing.assert_close(model(tokens, loss=True, normaliser=32).loss, expected_sum / 32)
+    out.loss.backward()
+    assert model.stream_embed.weight.grad is not None and model.stream_embed.weight.grad.abs().sum() > 0
+
+
+def test_save_and_load_round_trip(tmp_path, model, tokenizer):
+    tokens = torch.randint(3, V, (1, 5, 3), generator=torch.Generator().manual_seed(7)) % len(tokenizer)
+    model.save_pretrained(tmp_path, tokenizer)
+    assert {"config.json", "model.safetensors", "ms_schema.json", "stream_embeddings.safetensors",
+            "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = MultiStreamLM.from_pretrained(tmp_path)
+    assert loaded.schema == model.schema and loaded.schema.token_ids == model.schema.token_ids
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    # the base weights are a standard HF checkpoint
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(plain.get_input_embeddings().weight, model.base.get_input_embeddings().weight)
+    with pytest.raises(FileNotFoundError, match="not a multi-stream checkpoint"):
+        MultiStreamLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_from_base_adds_silence_and_keeps_the_model(tmp_path, tokenizer):
+    """A single-stream HF model + tokenizer without the schema's tokens: one call converts it."""
+    from ms_ray.data.tokenizer import word_tokenizer
+
+    plain_schema = StreamSchema((StreamSpec("x", "output"),), silence_token="<|q|>", pad_token="<|p|>")
+    plain_tok = word_tokenizer(["a", "b", "c", "d"], plain_schema)  # has no <|silence|>
+    base = tiny_base_model("qwen3", len(plain_tok))
+    base.save_pretrained(tmp_path)
+    plain_tok.save_pretrained(tmp_path)
+    schema = StreamSchema((StreamSpec("user", "input"), StreamSpec("output", "output")))
+    model, tok = MultiStreamLM.from_base(str(tmp_path), schema)
+    assert len(tok) == len(plain_tok) + 2 and model.vocab_size == len(tok)
+    assert model.schema.silence_id == tok.convert_tokens_to_ids("<|silence|>") >= len(plain_tok)
+    one = StreamSchema((StreamSpec("output", "output"),))
+    ids = torch.tensor([[[1], [2], [3], [4]]])
+    converted = MultiStreamLM(model.base, one)(ids).logits[0, :, 0, : len(plain_tok)]
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(converted, reference(input_ids=ids[..., 0]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_named(model):
+    with pytest.raises(TableError, match="table has 2 streams"):
+        model(torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(TableError, match="out of range"):
+        model(torch.full((1, 3, 3), model.vocab_size))
+    with pytest.raises(TableError, match="doc_ids: expected shape"):
+        model(torch.zeros(1, 3, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
