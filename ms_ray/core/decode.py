@@ -109,26 +109,43 @@ class SlotCache:
         return self.kv_len
 
 
-def sample(logits, temperature, top_k, top_p, silence_penalty, silence_id, generator=None):
-    """Vectorised per-cell sampling. logits [n, C, V]; settings [n, C] -> tokens [n, C]."""
-    logits = logits.float()
-    logits = logits - silence_penalty[..., None] * torch.nn.functional.one_hot(
-        torch.tensor(silence_id, device=logits.device), logits.shape[-1]
-    )
+@dataclass
+class CellSampling:
+    """Sampling settings of every cell of a step, [n, C] tensors on the device, plus a host-side
+    flag so that an all-greedy step needs no device->host look at the settings."""
+
+    temperature: torch.Tensor  # 0 = greedy
+    top_k: torch.Tensor  # 0 = off
+    top_p: torch.Tensor
+    silence_penalty: torch.Tensor
+    any_random: bool
+
+    @classmethod
+    def build(cls, table: list[list[Sampling]], device) -> "CellSampling":
+        values = [[(p.temperature, p.top_k, p.top_p, p.silence_penalty) for p in row] for row in table]
+        t = torch.tensor(values, dtype=torch.float, device=device)  # [n, C, 4]
+        random = any(p.temperature > 0 for row in table for p in row)
+        return cls(t[..., 0], t[..., 1].long(), t[..., 2], t[..., 3], random)
+
+
+def sample(logits: torch.Tensor, cells: CellSampling, silence_id: int, generator=None) -> torch.Tensor:
+    """Vectorised per-cell sampling: logits [n, C, V] -> tokens [n, C]."""
+    logits = logits.to(torch.float32, copy=True)
+    logits[..., silence_id] -= cells.silence_penalty
     greedy = logits.argmax(-1)
-    if not bool((temperature > 0).any()):
+    if not cells.any_random:
         return greedy
     V = logits.shape[-1]
-    scaled = logits / temperature.clamp(min=1e-5)[..., None]
+    scaled = logits / cells.temperature.clamp(min=1e-5)[..., None]
     sorted_logits, order = scaled.sort(-1, descending=True)  # [n, C, V]
     ranks = torch.arange(V, device=logits.device)
-    k = torch.where(top_k > 0, top_k, V)[..., None]
+    k = torch.where(cells.top_k > 0, cells.top_k, V)[..., None]
     probs = sorted_logits.softmax(-1)
-    beyond_p = (probs.cumsum(-1) - probs) > top_p[..., None]  # never removes the top token
+    beyond_p = (probs.cumsum(-1) - probs) > cells.top_p[..., None]  # never removes the top token
     sorted_logits = sorted_logits.masked_fill((ranks >= k) | beyond_p, float("-inf"))
     pick = torch.multinomial(sorted_logits.softmax(-1).view(-1, V), 1, generator=generator)
     sampled = order.gather(-1, pick.view(*order.shape[:2], 1)).squeeze(-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.where(cells.temperature > 0, sampled, greedy)
 
 
 class RowDecoder:
@@ -218,7 +235,7 @@ class RowDecoder:
         if self.next_logits is None:
             rows = forced
         else:
-            sampled = sample(self.next_logits[: len(active)], *self._sampling_tensors(), self.silence, self.generator)
+            sampled = sample(self.next_logits[: len(active)], self._cell_sampling(), self.silence, self.generator)
             rows = torch.where(use_forced, forced, sampled)  # [n, C]
         logits = self._forward(active, rows[:, None])  # [n, C, V]
         self._store_logits(active, logits)
@@ -268,8 +285,7 @@ class RowDecoder:
         same_doc = torch.zeros((), device=self.device)  # one session = one document
         ok = allowed(q_idx[:, :, None], k_idx[None, None, :], same_doc, same_doc, C)  # [n, Q, kv_len]
         dtype = self.model.stream_embed.weight.dtype
-        mask = torch.zeros(n, 1, Q, kv_len, dtype=dtype, device=self.device)
-        mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
+        mask = torch.where(ok[:, None], 0.0, torch.finfo(dtype).min).to(dtype)  # [n, 1, Q, kv_len]
         x = self.model.embed(rows.reshape(n, Q), self.streams.repeat(q_rows))  # [n, Q, H]
         out = self.model.base(
             inputs_embeds=x, attention_mask=mask, position_ids=q_idx // C, cache=self.cache,
@@ -337,10 +353,7 @@ class RowDecoder:
             raise TableError(f"prefill: token ids out of range [0, {self.model.vocab_size})")
         return rows
 
-    def _sampling_tensors(self):
-        """Per-cell sampling settings [n, C] each, rebuilt only when the sessions change."""
-        if self._settings is None:
-            table = [[(p.temperature, p.top_k, p.top_p, p.silence_penalty) for p in s.sampling] for s in self.by_slot]
-            t = torch.tensor(table, dtype=torch.float, device=self.device)  # [n, C, 4]
-            self._settings = (t[..., 0], t[..., 1].long(), t[..., 2], t[..., 3])
+    def _cell_sampling(self) -> CellSampling:
+        if self._settings is None:  # rebuilt only when sessions join or leave
+            self._settings = CellSampling.build([s.sampling for s in self.by_slot], self.device)
         return self._settings

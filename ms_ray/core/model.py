@@ -73,8 +73,8 @@ def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype) -> t
     idx = torch.arange(S, device=doc_ids.device)
     cell_doc = doc_ids.repeat_interleave(num_streams, dim=1)  # [B, S]
     ok = allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams)
-    mask = torch.zeros(B, 1, S, S, dtype=dtype, device=doc_ids.device)
-    return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=doc_ids.device)
+    return torch.where(ok[:, None], torch.zeros((), dtype=dtype, device=doc_ids.device), blocked)
 
 
 def flex_mask(doc_ids: torch.Tensor, num_streams: int):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from ms_ray.core.decode import RowDecoder, Sampling, StopRules, sample
+from ms_ray.core.decode import CellSampling, RowDecoder, Sampling, StopRules, sample
 from ms_ray.core.families import FAMILIES
 from ms_ray.core.streams import TableError
 
@@ -118,27 +118,30 @@ def test_ended_stream_falls_silent(model, bound):
 def test_sampling_rules():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 50, generator=gen)
-    zeros = torch.zeros(2, 3)
-    args = lambda t=zeros, k=zeros.long(), p=zeros + 1, pen=zeros: (t, k, p, pen)
+    cells = lambda **kw: CellSampling.build([[Sampling(**kw)] * 3] * 2, "cpu")
     greedy = logits.argmax(-1)
-    assert torch.equal(sample(logits, *args(), silence_id=0), greedy)
+    assert torch.equal(sample(logits, cells(), 0), greedy)
     # top-k 1 and a tiny top-p are greedy even at a high temperature
-    hot = zeros + 5.0
-    assert torch.equal(sample(logits, *args(t=hot, k=zeros.long() + 1), 0, gen), greedy)
-    assert torch.equal(sample(logits, *args(t=hot, p=zeros + 1e-6), 0, gen), greedy)
-    # top-k 3: every draw is among the 3 best
-    draws = torch.stack([sample(logits, *args(t=hot, k=zeros.long() + 3), 0, gen) for _ in range(50)])
-    top3 = logits.topk(3, dim=-1).indices
-    assert (draws[..., None] == top3).any(-1).all()
-    assert len(draws.unique()) > 6  # and it does sample
-    # silence penalty: a silence-preferring logit row stops choosing silence
+    assert torch.equal(sample(logits, cells(temperature=5.0, top_k=1), 0, gen), greedy)
+    assert torch.equal(sample(logits, cells(temperature=5.0, top_p=1e-6), 0, gen), greedy)
+    # top-k 3: every draw is among the 3 best, and it does sample
+    draws = torch.stack([sample(logits, cells(temperature=5.0, top_k=3), 0, gen) for _ in range(50)])
+    assert (draws[..., None] == logits.topk(3, dim=-1).indices).any(-1).all()
+    assert len(draws.unique()) > 6
+    # silence penalty: a silence-preferring row stops choosing silence; the input is not modified
     loud = logits.clone()
     loud[..., 0] = 100
-    assert (sample(loud, *args(), 0) == 0).all()
-    assert (sample(loud, *args(pen=zeros + 1000), 0) != 0).all()
+    assert (sample(loud, cells(), 0) == 0).all()
+    assert (sample(loud, cells(silence_penalty=1000.0), 0) != 0).all()
+    assert (loud[..., 0] == 100).all()
+    # mixed settings per cell: greedy cells stay greedy beside hot ones
+    mixed = CellSampling.build([[Sampling(), Sampling(temperature=5.0), Sampling()]] * 2, "cpu")
+    for _ in range(10):
+        got = sample(logits, mixed, 0, gen)
+        assert torch.equal(got[:, [0, 2]], greedy[:, [0, 2]])
     # same seed, same draws
-    a = sample(logits, *args(t=hot), 0, torch.Generator().manual_seed(3))
-    b = sample(logits, *args(t=hot), 0, torch.Generator().manual_seed(3))
+    a = sample(logits, cells(temperature=5.0), 0, torch.Generator().manual_seed(3))
+    b = sample(logits, cells(temperature=5.0), 0, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
