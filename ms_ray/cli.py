@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, DemoConfig, load_config
+from .data.pipeline import PrepareError
+
+from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, load_config
 
 
 def build_model(cfg, schema, tokenizer):
@@ -58,19 +60,53 @@ def demo(cfg: DemoConfig) -> list:
     return rows
 
 
+def tokenizer_train(cfg: TokenizerTrainConfig):
+    """Train a byte-level BPE on shipped text and save it as a HF tokenizer folder."""
+    import time
+
+    from .data.tokenizer import corpus_texts, tokenizer_hash, train_bpe
+
+    start = time.perf_counter()
+    schema = cfg.schema_.build()
+    tokenizer = train_bpe(corpus_texts(cfg.chitchat_limit, cfg.skills, cfg.files), schema, cfg.vocab_size, cfg.min_frequency)
+    tokenizer.save_pretrained(cfg.output)
+    print(f"ms-ray tokenizer train: {len(tokenizer)} tokens, hash {tokenizer_hash(tokenizer)}, "
+          f"saved to {cfg.output} in {time.perf_counter() - start:.1f} s")
+    return tokenizer
+
+
+def prepare(cfg: PrepareConfig):
+    from .data.pipeline import prepare as run_prepare
+
+    return run_prepare(cfg)
+
+
+COMMANDS = {  # name: (function, config class, default config, help)
+    "demo": (demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model"),
+    "prepare": (prepare, PrepareConfig, "jobs/data-skills.yaml", "build packed stream-table shards on Ray Data"),
+    "tokenizer": (tokenizer_train, TokenizerTrainConfig, "jobs/tokenizer.yaml", "train: a byte-level BPE tokenizer"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="decode a scripted session with a tiny random model")
-    p.add_argument("config", nargs="?", default="jobs/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    for name, (_, _, default, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == "tokenizer":
+            p.add_argument("action", choices=["train"])
+        p.add_argument("config", nargs="?", default=default)
+        p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
+    run, config_class, _, _ = COMMANDS[args.command]
     try:
-        if args.command == "demo":
-            demo(load_config(DemoConfig, args.config, args.overrides))
-    except ConfigError as e:
+        run(load_config(config_class, args.config, args.overrides))
+    except (ConfigError, FileNotFoundError) as e:
         print(f"ms-ray {args.command}: {e}", file=sys.stderr)
         return 2
+    except PrepareError as e:  # written, but too much input was dropped
+        print(f"ms-ray {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .core.decode import Sampling, StopRules
 from .core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
@@ -20,6 +20,11 @@ from .core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the field."""
+
+
+def check_paths(info: ValidationInfo) -> bool:
+    """Input paths must exist, except where a caller only checks a config's shape."""
+    return (info.context or {}).get("check_paths", True)
 
 
 class Strict(BaseModel):
@@ -99,6 +104,103 @@ class DemoConfig(Strict):
     script: list[ScriptedInput] = []
 
 
+class TeacherSettings(Strict):
+    """An OpenAI-compatible endpoint for the teacher policy (see ms_ray/data/teacher.py)."""
+
+    base_url: str
+    model: str = "teacher"
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    chunk_words: int | None = Field(None, gt=0)  # None: split the input into sentences
+    temperature: float = 0.0
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+
+class SourceConfig(Strict):
+    """One input of `ms-ray prepare`."""
+
+    kind: Literal["skills", "chitchat", "jsonl"]
+    name: str | None = None  # how the source is named in ids and the manifest; default per kind
+    path: str | None = None  # jsonl: the file
+    format: Literal["auto", "openai", "alpaca", "sharegpt", "table"] = "auto"
+    role_map: dict[str, str] | None = None  # jsonl: role -> stream (default: the usual chat roles)
+    policy: str = "after_input"  # after_input | wait_k(K) | teacher (skills are timed by their task)
+    teacher: TeacherSettings | None = None
+    limit: int | None = Field(None, gt=0)  # chitchat/jsonl: at most this many conversations
+    examples: int = Field(1000, gt=0)  # skills: how many examples
+    tasks: list[str] | None = None  # skills: which tasks (default: all)
+    shards: int = Field(1, gt=0)  # parallel read-convert-pack tasks, each writes one file per split
+    max_chars: int = Field(20000, gt=0)  # longer texts are dropped and reported
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from .data.convert import parse_policy
+
+        parse_policy(v)
+        return v.replace(" ", "")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind == "jsonl" and not self.path:
+            raise ValueError("a jsonl source needs a path")
+        if self.policy == "teacher" and self.teacher is None:
+            raise ValueError("policy teacher needs a teacher: {base_url: ...} section")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.path if self.kind == "jsonl" else self.kind)
+
+
+class SplitConfig(Strict):
+    validation_fraction: float = Field(0.05, ge=0, le=0.5)  # of source conversations (groups)
+
+
+class PackingConfig(Strict):
+    max_rows: int = Field(256, gt=0)
+    overflow: Literal["drop", "truncate"] = "drop"  # for examples longer than max_rows
+
+
+class PrepareConfig(Strict):
+    """`ms-ray prepare`: read -> convert -> tokenize -> pack -> write, on Ray Data."""
+
+    schema_: SchemaConfig = Field(alias="schema")
+    tokenizer: str = "skills"  # "skills": the skill tasks' word vocabulary; else a HF tokenizer folder
+    sources: list[SourceConfig] = Field(min_length=1)
+    split: SplitConfig = SplitConfig()
+    packing: PackingConfig = PackingConfig()
+    output: str
+    seed: int = 0
+    max_drop_share: float = Field(0.05, ge=0, le=1)  # fail (after writing) above this share
+    address: str | None = None  # a running Ray cluster; default: start a local one
+
+    @model_validator(mode="after")
+    def _paths_exist(self, info: ValidationInfo):
+        if check_paths(info):
+            missing = [s.path for s in self.sources if s.kind == "jsonl" and not Path(s.path).exists()]
+            if missing:
+                raise ValueError(f"source file(s) do not exist: {missing}")
+            if self.tokenizer != "skills" and not Path(self.tokenizer).exists():
+                raise ValueError(f"tokenizer folder {self.tokenizer} does not exist")
+        names = [s.label for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique (set `name`): {names}")
+        return self
+
+
+class TokenizerTrainConfig(Strict):
+    """`ms-ray tokenizer train`: byte-level BPE on text that ships with the project."""
+
+    schema_: SchemaConfig = Field(alias="schema")
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    chitchat_limit: int | None = Field(None, gt=0)  # conversation pairs of chitchat-dataset
+    skills: bool = True  # add the skill tasks' vocabulary text
+    files: list[str] = []  # extra plain-text files, one document per line
+    output: str
+
+
 # ---- loading -----------------------------------------------------------------------------
 C = TypeVar("C", bound=BaseModel)
 
@@ -118,8 +220,10 @@ def apply_override(tree: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> C:
-    """Build `cls` from a YAML file (or a dict) plus dotted overrides, or raise ConfigError."""
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
+                check_paths: bool = True) -> C:
+    """Build `cls` from a YAML file (or a dict) plus dotted overrides, or raise ConfigError.
+    check_paths=False skips the existence of input paths (checking shipped configs' shape)."""
     source = str(path) if path else "<config>"
     tree = dict(data or {})
     if path is not None:
@@ -135,7 +239,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     for o in overrides:
         apply_override(tree, o)
     try:
-        return cls.model_validate(tree)
+        return cls.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as e:
         lines = [f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in e.errors()]
         raise ConfigError(f"{source}: invalid {cls.__name__}:\n  " + "\n  ".join(lines)) from None

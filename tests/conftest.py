@@ -49,3 +49,13 @@ def make_model(schema, vocab_size, family="llama", seed=0, **sizes):
 @pytest.fixture
 def model(bound, tokenizer):
     return make_model(bound, len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray on 127.0.0.1 for the whole test session (started on first use)."""
+    from ms_ray.ray_env import init_ray
+
+    ray = init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

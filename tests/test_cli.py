@@ -20,3 +20,27 @@ def test_demo_rejects_a_bad_config(capsys):
     assert "'output' is an output stream" in capsys.readouterr().err
     assert main(["demo", "jobs/demo.yaml", "script=[{row: 0, stream: tool, text: hi}]"]) == 2
     assert "unknown stream 'tool'" in capsys.readouterr().err
+
+
+def test_tokenizer_train_command(tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "jobs/tokenizer.yaml", f"output={out}", "vocab_size=600",
+                 "chitchat_limit=300"]) == 0
+    assert "ms-ray tokenizer train: 600 tokens" in capsys.readouterr().out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok("hello 42 there", add_special_tokens=False)["input_ids"]) == "hello 42 there"
+    assert tok.convert_tokens_to_ids("<|silence|>") == 0
+
+
+def test_prepare_command(ray_local, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["prepare", "jobs/data-skills.yaml", f"output={out}", "sources=[{kind: skills, examples: 40}]"]) == 0
+    assert "prepared 40 examples, dropped 0" in capsys.readouterr().out
+    assert (out / "manifest.json").exists() and list((out / "train").glob("*.parquet"))
+    # a bad config fails before any work, naming the field
+    assert main(["prepare", "jobs/data-skills.yaml", "sources=[{kind: jsonl, path: /no/such.jsonl}]"]) == 2
+    assert "source file(s) do not exist: ['/no/such.jsonl']" in capsys.readouterr().err
+    assert main(["prepare", "jobs/data-skills.yaml", "sources=[{kind: skills, policy: wait_k(1)}]"]) == 2
+    assert "k must be >= 2" in capsys.readouterr().err

@@ -1,17 +1,28 @@
 """Tokenizers that carry a stream schema's special tokens.
 
-`word_tokenizer` builds a whole-word vocabulary from a list of words (tiny demos and tests,
-skill tasks with a closed vocabulary); the result is a standard HF tokenizer folder format.
+  train_bpe       byte-level BPE trained on text we ship (exact round trip, digits split one per
+                  token so arithmetic does not depend on merges), saved as a HF tokenizer folder;
+  word_tokenizer  a whole-word vocabulary (skill tasks with a closed vocabulary, tiny demos);
+  load_tokenizer  any HF tokenizer folder, with the schema's special tokens added when missing.
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+import hashlib
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..core.streams import StreamSchema
 
 UNK = "<|unk|>"
+
+
+def _wrap(tok: Tokenizer, schema: StreamSchema, **kwargs) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=schema.pad_token, **kwargs)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in schema.special_tokens if t != schema.pad_token]})
+    return fast
 
 
 def word_tokenizer(words, schema: StreamSchema) -> PreTrainedTokenizerFast:
@@ -22,6 +33,54 @@ def word_tokenizer(words, schema: StreamSchema) -> PreTrainedTokenizerFast:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=schema.pad_token)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in schema.special_tokens if t != schema.pad_token]})
-    return fast
+    return _wrap(tok, schema, unk_token=UNK)
+
+
+def train_bpe(texts, schema: StreamSchema, vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over an iterable of strings; the schema's special tokens get the first ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=schema.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return _wrap(tok, schema)
+
+
+def load_tokenizer(path: str | Path, schema: StreamSchema):
+    """A HF tokenizer folder, with the schema's special tokens added where missing."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    schema.add_special_tokens(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = schema.pad_token
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A fingerprint of the vocabulary, merges and special tokens (short sha256)."""
+    blob = tokenizer.backend_tokenizer.to_str() + "|" + ",".join(tokenizer.all_special_tokens)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def corpus_texts(chitchat_limit: int | None = None, skills: bool = True, files=()):
+    """Text that ships with the project, for `ms-ray tokenizer train`: chitchat-dataset turns,
+    the skill tasks' words, and plain-text files (one document per line)."""
+    from .formats import read_chitchat
+
+    for conv in read_chitchat(limit=chitchat_limit):
+        for turn in conv.turns:
+            yield turn.text
+    if skills:
+        from .skills import vocabulary
+
+        yield " ".join(vocabulary())
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            yield from (line.rstrip("\n") for line in f if line.strip())

@@ -1,0 +1,46 @@
+"""Starting or joining Ray, in one place.
+
+Local runs start an embedded single-node Ray bound to 127.0.0.1; `address` joins a running
+cluster instead. The environment defaults below keep local runs quiet and offline.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps the node on 127.0.0.1 instead of eth0
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Join `address` (a running cluster) or start a local Ray on 127.0.0.1. Idempotent."""
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            object_store_memory=256 * 1024**2, configure_logging=False, log_to_driver=True,
+            runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
+        )
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset INFO lines
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    return ray
