@@ -5,31 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .core.streams import SchemaError
 from .data.pipeline import PrepareError
 
-from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, load_config
-
-
-def build_model(cfg, schema, tokenizer):
-    """A MultiStreamLM from a ModelConfig: a pretrained HF folder converted in one call, or a
-    tiny random model of the given family. Returns (model, tokenizer)."""
-    from .core.families import tiny_base_model
-    from .core.model import MultiStreamLM
-
-    if cfg.pretrained:
-        return MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
-    schema.add_special_tokens(tokenizer)
-    base = tiny_base_model(
-        cfg.family, len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-        cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
-    )
-    return MultiStreamLM(base, schema.bind(tokenizer), cfg.attention), tokenizer
+from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config
 
 
 def demo(cfg: DemoConfig) -> list:
     """Decode a scripted session with a tiny random model and print the streams side by side.
     Inputs are injected word by word from their scripted row on; outputs are sampled."""
     from .core.decode import RowDecoder
+    from .core.families import build_model
     from .core.streams import format_table
     from .data.tokenizer import word_tokenizer
 
@@ -81,10 +67,24 @@ def prepare(cfg: PrepareConfig):
     return run_prepare(cfg)
 
 
+def train(cfg: TrainConfig, address: str | None = None):
+    from .train.run import train as run_train
+
+    return run_train(cfg.model_copy(update={"address": address}) if address else cfg)
+
+
+def export(cfg: TrainConfig, checkpoint: str | None = None, out: str | None = None):
+    from .train.run import export as run_export
+
+    return run_export(cfg, checkpoint, out)
+
+
 COMMANDS = {  # name: (function, config class, default config, help)
     "demo": (demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model"),
     "prepare": (prepare, PrepareConfig, "jobs/data-skills.yaml", "build packed stream-table shards on Ray Data"),
     "tokenizer": (tokenizer_train, TokenizerTrainConfig, "jobs/tokenizer.yaml", "train: a byte-level BPE tokenizer"),
+    "train": (train, TrainConfig, "jobs/tiny.yaml", "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume"),
+    "export": (export, TrainConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder"),
 }
 
 
@@ -95,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         if name == "tokenizer":
             p.add_argument("action", choices=["train"])
+        if name == "train":
+            p.add_argument("--address", help="join a running Ray cluster instead of starting a local one")
+        if name == "export":
+            p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+            p.add_argument("--out", help="output folder (default: {storage}/{name}/export)")
         p.add_argument("config", nargs="?", default=default)
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = parser.parse_args(argv)
     run, config_class, _, _ = COMMANDS[args.command]
+    extra = {k: v for k, v in vars(args).items() if k in ("address", "checkpoint", "out")}
     try:
-        run(load_config(config_class, args.config, args.overrides))
-    except (ConfigError, FileNotFoundError) as e:
+        run(load_config(config_class, args.config, args.overrides), **extra)
+    except (ConfigError, FileNotFoundError, SchemaError) as e:
         print(f"ms-ray {args.command}: {e}", file=sys.stderr)
         return 2
     except PrepareError as e:  # written, but too much input was dropped

@@ -201,6 +201,100 @@ class TokenizerTrainConfig(Strict):
     output: str
 
 
+class DataConfig(Strict):
+    path: str  # a folder written by `ms-ray prepare` (manifest.json, train/, validation/)
+    prepare: str | None = None  # a prepare config to run first when `path` has no manifest yet
+    batch_size: int = Field(4, gt=0)  # packed sequences per worker per micro-batch
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: parameters on the CPU
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = Field(1, gt=0)
+    clip: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _offload_needs_stage3(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-3, gt=0)
+    stream_embed_lr: float | None = Field(None, gt=0)  # default: lr
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = Field(0.01, ge=0)
+    max_steps: int = Field(2000, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"  # wsd: warmup, constant, linear cooldown
+    cooldown_steps: int = Field(0, ge=0)  # wsd: length of the final linear decay
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(500, gt=0)  # steps
+    keep: int = Field(2, gt=0)
+
+
+class EvalConfig(Strict):
+    every: int = Field(500, gt=0)  # steps; also at the end
+    skills_per_task: int = Field(50, ge=0)  # held-out generated examples per skill task (0: off)
+    seed: int = 987_654  # generation seed for held-out skill examples, distinct from the data's
+    max_val_batches: int | None = Field(None, gt=0)
+
+
+class WandbConfig(Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
+    project: str = "ms_ray"
+    entity: str | None = None
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    storage: str = "runs/train"  # checkpoints, metrics, W&B files, export: {storage}/{name}
+    max_failures: int = Field(1, ge=0)
+    log_every: int = Field(50, gt=0)
+    fail_at_step: int | None = None  # fault injection (tests): one worker raises once at this step
+
+
+class TrainConfig(Strict):
+    """`ms-ray train`: Ray Train + DeepSpeed ZeRO + W&B."""
+
+    schema_: SchemaConfig = Field(alias="schema")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig = WandbConfig()
+    run: RunConfig = RunConfig()
+    seed: int = 0
+    address: str | None = None  # a running Ray cluster; default: start a local one
+
+    @model_validator(mode="after")
+    def _data_exists(self, info: ValidationInfo):
+        from .data.pipeline import MANIFEST
+
+        if check_paths(info) and not self.data.prepare and not (Path(self.data.path) / MANIFEST).exists():
+            raise ValueError(f"data.path: {self.data.path} has no {MANIFEST}; run `ms-ray prepare` or set data.prepare")
+        if check_paths(info) and self.data.prepare and not Path(self.data.prepare).exists():
+            raise ValueError(f"data.prepare: config {self.data.prepare} does not exist")
+        if check_paths(info) and self.model.pretrained and not Path(self.model.pretrained).exists():
+            raise ValueError(f"model.pretrained: {self.model.pretrained} does not exist")
+        return self
+
+
 # ---- loading -----------------------------------------------------------------------------
 C = TypeVar("C", bound=BaseModel)
 

@@ -17,13 +17,19 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "DS_ACCELERATOR": "cpu",  # local runs here have no GPU; clusters set their own
+    "OMP_NUM_THREADS": "1",  # workers set their torch threads from scaling.cpus_per_worker
 }
+PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE", "WANDB_API_KEY")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Join `address` (a running cluster) or start a local Ray on 127.0.0.1. Idempotent."""
     for k, v in LOCAL_ENV.items():
-        os.environ.setdefault(k, v)
+        if address is None or k != "DS_ACCELERATOR":
+            os.environ.setdefault(k, v)
     import ray
 
     if ray.is_initialized():
@@ -34,7 +40,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(
             num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             object_store_memory=256 * 1024**2, configure_logging=False, log_to_driver=True,
-            runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in (*LOCAL_ENV, *PASS_THROUGH) if k in os.environ}},
         )
     import logging
 

@@ -56,6 +56,6 @@ def ray_local():
     """One local Ray on 127.0.0.1 for the whole test session (started on first use)."""
     from ms_ray.ray_env import init_ray
 
-    ray = init_ray(num_cpus=2)
+    ray = init_ray(num_cpus=3)  # 2 training workers + Ray Data reading beside them
     yield ray
     ray.shutdown()

@@ -46,3 +46,18 @@ def tiny_base_model(
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def build_model(cfg, schema, tokenizer):
+    """A MultiStreamLM from a ModelConfig: a pretrained HF folder converted in one call, or a
+    tiny random model of the given family. Returns (model, tokenizer)."""
+    from .model import MultiStreamLM
+
+    if cfg.pretrained:
+        return MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
+    schema.add_special_tokens(tokenizer)
+    base = tiny_base_model(
+        cfg.family, len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+        cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
+    )
+    return MultiStreamLM(base, schema.bind(tokenizer), cfg.attention), tokenizer

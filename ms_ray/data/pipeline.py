@@ -32,6 +32,7 @@ from .packing import fit_length, pack_examples
 from .tables import Dropped, Example
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: packs carry pack_id
 SPLITS = ("train", "validation")
 
 
@@ -153,6 +154,7 @@ def write_packs(examples: list[Example], out: Path, split: str, name: str, max_r
 
     packs = pack_examples(examples, max_rows, schema.pad_id)
     table = pa.table({
+        "pack_id": [f"{split}/{name}/{i:06d}" for i in range(len(packs))],  # a stable sort key
         "tokens": [p.tokens.reshape(-1) for p in packs],  # [max_rows * C], row-major
         "doc_ids": [p.doc_ids for p in packs],  # [max_rows], -1 = padding
         "example_ids": [p.example_ids for p in packs],
@@ -228,7 +230,7 @@ def build_manifest(cfg, schema, tokenizer, index, stats, dropped) -> dict:
         src["policies"] = dict(src["policies"])
         src["groups"] = {s: sorted(g) for s, g in src["groups"].items()}
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "schema": schema.to_dict(),
         "tokenizer": {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer), "path": "tokenizer"},
         "seed": cfg.seed, "max_rows": cfg.packing.max_rows, "overflow": cfg.packing.overflow,
@@ -265,12 +267,37 @@ def format_summary(manifest: dict, dropped: list[dict], show: int = 10) -> str:
     return "\n".join(lines)
 
 
+def read_pack_file(item: dict) -> list[dict]:
+    """Ray Data flat_map: the packs of one shard file (plain pyarrow: read_parquet's discovery
+    cost ~15 s per call on a 2-core node for a few small files)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(item["file"], columns=["pack_id", "tokens", "doc_ids"])
+    return [{"pack_id": p, "tokens": np.asarray(t, dtype=np.int32), "doc_ids": np.asarray(d, dtype=np.int32)}
+            for p, t, d in zip(*(table.column(c).to_pylist() for c in ("pack_id", "tokens", "doc_ids")))]
+
+
+def pack_dataset(folder: str | Path, split: str, manifest: dict):
+    """A Ray Dataset of the packs of one split: one read task per shard file."""
+    import ray.data
+
+    files = [str(Path(folder).resolve() / f) for f in manifest["splits"][split]["files"]]
+    if not files:
+        return None
+    return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).flat_map(read_pack_file)
+
+
 def load_manifest(folder: str | Path, schema: StreamSchema | None = None, what: str = "model") -> dict:
     """Read a prepared data set's manifest; with `schema`, check that the two agree."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not a prepared data set (no {MANIFEST}); run `ms-ray prepare` first")
     manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FileNotFoundError(
+            f"{folder} was prepared in data format {manifest.get('format_version')}, this version reads "
+            f"{FORMAT_VERSION}: run `ms-ray prepare` again"
+        )
     if schema is not None:
         schema.check_same(StreamSchema.from_dict(manifest["schema"], str(path)), what, f"data set {folder}")
     return manifest

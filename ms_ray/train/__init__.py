@@ -1,0 +1,1 @@
+"""Training: Ray Train + DeepSpeed ZeRO + W&B."""

@@ -1,0 +1,156 @@
+"""Skill evaluation: greedy multi-stream decoding of held-out skill examples, scored on timing.
+
+Every example is one session of a single RowDecoder: open sessions advance together, one
+batched forward pass per row, at most `batch_sessions` at once (a finished session's place goes
+to the next waiting example). Sessions start empty (no prefill); before the step that builds
+row r, the example's input cells of row r (meta["inputs"]) are pushed, so each is consumed at
+exactly row r and input streams are silent elsewhere. Output streams are sampled greedily. A
+session ends on the answer stream's end token, or after len(table) + slack_rows rows.
+With force_outputs=True the reference output columns are pushed too (teacher forcing, silence
+included), which reproduces the reference table: a check of the machinery, not of the model.
+
+Metrics, per task and over all examples ("all"), as flat keys "skills/<task>/<metric>":
+  accuracy      share of examples whose answer stream's non-silent tokens equal meta["answer"]
+                exactly (end token included: an answer that never ends is wrong)
+  ttft_rows     mean of (row of the first non-silent token on the answer stream) -
+                meta["input_end_row"], over examples that emitted one: rows from the end of the
+                input to the first answer token; negative = answering while still reading
+                (think and tool_call streams do not count: they are not the answer)
+  no_output     share of examples whose answer stream stayed silent (left out of ttft_rows)
+  latency_rows  mean of (row of the end token) - meta["input_end_row"] over exact matches
+  n             number of examples
+plus "skills/eval_seconds", the wall time of decoding. A mean over nothing is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from ..core.decode import RowDecoder, Sampling, StopRules
+from ..core.model import MultiStreamLM
+from ..data.tables import Example
+
+METRICS = ("n", "accuracy", "ttft_rows", "no_output", "latency_rows")
+
+
+def _plan(example: Example, schema, force_outputs: bool) -> dict[int, list[tuple[str, int]]]:
+    """Row -> the (stream, token) pushes to make just before the step that builds that row."""
+    plan: dict[int, list[tuple[str, int]]] = {}
+    for stream, cells in example.meta["inputs"].items():
+        for row, tok in cells:
+            plan.setdefault(int(row), []).append((stream, int(tok)))
+    if force_outputs:
+        for s, spec in enumerate(schema.streams):
+            if spec.role == "output":
+                for row, tok in enumerate(example.rows[:, s]):
+                    plan.setdefault(row, []).append((spec.name, int(tok)))
+    return plan
+
+
+def _decode(model, examples, plans, slack_rows: int, batch_sessions: int) -> list[list[list[int]]]:
+    """Greedy-decode every example; returns its generated rows (C tokens each)."""
+    decoder = RowDecoder(model, max_sessions=batch_sessions)
+    generated: list[list[list[int]]] = [[] for _ in examples]
+    waiting = deque(range(len(examples)))
+    while waiting or decoder.sessions:
+        while waiting and len(decoder.sessions) < batch_sessions:
+            i = waiting.popleft()
+            stop = StopRules(max_new_rows=examples[i].num_rows + slack_rows,
+                             end_streams=(examples[i].meta["answer_stream"],))
+            decoder.open(str(i), sampling=Sampling(), stop=stop)
+        for sid in decoder.sessions:
+            i = int(sid)
+            for stream, tok in plans[i].get(len(generated[i]), ()):
+                decoder.push(sid, stream, [tok])
+        for row in decoder.step():
+            generated[int(row.session)].append(row.tokens)
+    return generated
+
+
+def _score(example: Example, rows: np.ndarray, schema) -> dict:
+    meta, silence = example.meta, schema.silence_id
+    answer_col = rows[:, schema.index(meta["answer_stream"])]
+    exact = [int(t) for t in answer_col if t != silence] == [int(t) for t in meta["answer"]]
+    emitted = answer_col != silence
+    ttft = int(np.argmax(emitted)) - meta["input_end_row"] if emitted.any() else None
+    end_rows = np.flatnonzero(answer_col == schema.end_ids()[meta["answer_stream"]])
+    latency = int(end_rows[0]) - meta["input_end_row"] if exact and len(end_rows) else None
+    return {"id": example.id, "task": meta["task"], "rows": rows, "exact": exact, "ttft_rows": ttft,
+            "latency_rows": latency}
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _summary(records: list[dict]) -> dict:
+    return {
+        "n": len(records),
+        "accuracy": _mean([float(r["exact"]) for r in records]),
+        "ttft_rows": _mean([r["ttft_rows"] for r in records]),
+        "no_output": _mean([float(r["ttft_rows"] is None) for r in records]),
+        "latency_rows": _mean([r["latency_rows"] for r in records]),
+    }
+
+
+def evaluate_skills(
+    model: MultiStreamLM,
+    examples: list[Example],
+    slack_rows: int = 4,
+    batch_sessions: int = 256,
+    force_outputs: bool = False,
+    return_records: bool = False,
+):
+    """Decode `examples` greedily and score them (see the module docstring for the metrics).
+
+    Returns a flat dict {"skills/<task>/<metric>": value, ..., "skills/all/...", "skills/eval_seconds"};
+    with return_records=True, (metrics, records): one record per example, in order, with id,
+    task, rows (the generated table [R, C], every stream), exact, ttft_rows, latency_rows."""
+    if not examples:
+        raise ValueError("evaluate_skills needs at least one example")
+    if batch_sessions < 1:
+        raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
+    schema = model.schema
+    plans = [_plan(ex, schema, force_outputs) for ex in examples]
+    was_training = model.training
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            generated = _decode(model, examples, plans, slack_rows, batch_sessions)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    C = schema.num_streams
+    records = [_score(ex, np.asarray(rows, dtype=np.int64).reshape(-1, C), schema)
+               for ex, rows in zip(examples, generated)]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    metrics = {}
+    for task in [*tasks, "all"]:
+        group = [r for r in records if task in ("all", r["task"])]
+        metrics.update({f"skills/{task}/{k}": v for k, v in _summary(group).items()})
+    metrics["skills/eval_seconds"] = seconds
+    return (metrics, records) if return_records else metrics
+
+
+def format_skill_table(metrics: dict) -> str:
+    """Markdown table of evaluate_skills' metrics: one line per task, "all" last."""
+    tasks = [k.split("/")[1] for k in metrics if k.startswith("skills/") and k.endswith("/n")]
+    tasks = [t for t in tasks if t != "all"] + [t for t in tasks if t == "all"]
+
+    def num(value, fmt):
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    lines = ["| task | n | accuracy % | ttft rows | latency rows | no output % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for t in tasks:
+        m = {k: metrics.get(f"skills/{t}/{k}") for k in METRICS}
+        lines.append(f"| {t} | {m['n']} | {num(100 * m['accuracy'], '.1f')} | {num(m['ttft_rows'], '+.2f')} "
+                     f"| {num(m['latency_rows'], '+.2f')} | {num(100 * m['no_output'], '.1f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""The training loop every Ray Train worker runs: DeepSpeed ZeRO over a MultiStreamLM.
+
+Data: every rank reads the prepared packs through Ray Data (`get_dataset_shard`), sorts them by
+pack id and keeps every world-th one, so the packs of a rank and their order per epoch
+(a seeded permutation) are the same on every run: a resumed run replays exactly the batches
+an uninterrupted run would have seen. The loss of a micro-batch is normalised by the number
+of supervised cells over ALL ranks (an all-reduce before the forward), so data-parallel
+averaging gives the exact global mean.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.model import IGNORE
+from ..core.streams import next_row_labels
+from .checkpoint import export_model, full_state_dict, load_state, save_state
+from .tracking import Tracker
+
+
+# ---- pieces the loop is made of ----------------------------------------------------------
+def lr_lambda(step: int, optim) -> float:
+    """Multiplier of the base learning rate: linear warmup, then cosine / constant / WSD."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    floor = optim.min_lr_ratio
+    if optim.schedule == "constant":
+        return 1.0
+    if optim.schedule == "wsd":  # warmup, stable, then a linear cooldown to the floor
+        cool_start = optim.max_steps - optim.cooldown_steps
+        if step < cool_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (step - cool_start) / max(optim.cooldown_steps, 1)
+    progress = min(1.0, (step - optim.warmup_steps) / max(optim.max_steps - optim.warmup_steps, 1))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg, micro_batch: int) -> dict:
+    ds, opt = cfg.deepspeed, cfg.optim
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    params = {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay}
+    if not ds.offload_optimizer:
+        params["torch_adam"] = True  # inside params, or DeepSpeed JIT-builds FusedAdam (~70 s)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": ds.clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": params},
+        "steps_per_print": 10**9,
+    }
+
+
+def param_groups(model, optim) -> list[dict]:
+    """The stream embedding gets its own learning rate and no weight decay."""
+    stream = [model.stream_embed.weight]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("stream_embed")]
+    return [{"params": rest}, {"params": stream, "lr": optim.stream_embed_lr or optim.lr, "weight_decay": 0.0}]
+
+
+def rank_packs(dataset, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's packs: tokens [N, R, C] and doc_ids [N, R], the same on every run."""
+    ids, tokens, docs = [], [], []
+    for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+        ids += list(batch["pack_id"])
+        tokens += list(batch["tokens"])
+        docs += list(batch["doc_ids"])
+    order = np.argsort(np.array(ids, dtype=object).astype(str), kind="stable")
+    usable = len(order) // world * world  # equal counts keep the ranks' steps in lockstep
+    mine = order[:usable][rank::world]
+    R = len(docs[0]) if docs else 0
+    return (np.stack([tokens[i] for i in mine]).reshape(len(mine), R, -1) if len(mine) else np.zeros((0, R, 1), np.int32),
+            np.stack([docs[i] for i in mine]) if len(mine) else np.zeros((0, R), np.int32))
+
+
+def batches(tokens, docs, batch_size: int, seed: int, epoch: int):
+    """The batches of one epoch, in a seeded order: yields (index, tokens, doc_ids)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(tokens))
+    for b in range(len(order) // batch_size):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        yield b, torch.from_numpy(tokens[idx]).long(), torch.from_numpy(docs[idx]).long()
+
+
+def all_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t
+
+
+# ---- the worker function -----------------------------------------------------------------
+def train_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from ..config import TrainConfig
+    from ..core.families import build_model
+    from ..data.pipeline import load_manifest
+    from ..data.tokenizer import load_tokenizer
+
+    cfg = TrainConfig.model_validate_json(config["cfg"], context={"check_paths": False})
+    run_dir, data_dir = Path(config["run_dir"]), Path(config["data_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+
+    manifest = load_manifest(data_dir)
+    schema = cfg.schema_.build()
+    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], schema)
+
+    def make_model():
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        return build_model(cfg.model, schema, tokenizer)[0]
+
+    model = make_model()
+    schema = model.schema
+    micro = cfg.data.batch_size
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim), config=deepspeed_config(cfg, micro),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.optim)),
+        dist_init_required=False,
+    )
+    device = engine.device
+
+    train_tokens, train_docs = rank_packs(ray.train.get_dataset_shard("train"), rank, world)
+    val_tokens, val_docs = rank_packs(ray.train.get_dataset_shard("validation"), rank, world)
+    if len(train_tokens) < micro:
+        raise RuntimeError(f"rank {rank} has {len(train_tokens)} training packs, fewer than data.batch_size={micro}")
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "wandb_id": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_state(Path(folder), engine, rank)
+    tracker = Tracker(rank, run_dir, cfg, state["wandb_id"])
+    if rank == 0 and checkpoint:
+        print(f"resumed from step {state['step']} (W&B run {tracker.run_id})", flush=True)
+
+    weights = torch.tensor(schema.loss_weights, device=device)
+
+    def micro_batches():
+        """Endless (epoch, batch index, tokens, doc_ids), resuming at the saved position."""
+        epoch, skip = state["epoch"], state["batch"]
+        while True:
+            for b, tok, doc in batches(train_tokens, train_docs, micro, cfg.seed, epoch):
+                if b >= skip:
+                    yield epoch, b, tok.to(device), doc.to(device)
+            epoch, skip = epoch + 1, 0
+
+    def report(metrics: dict, save: bool) -> None:
+        if not save:
+            ray.train.report(metrics)
+            return
+        folder = Path(tempfile.mkdtemp(prefix="ms_ckpt_"))
+        save_state(folder, engine, rank, {**state, "wandb_id": tracker.run_id})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    data = micro_batches()
+    step = state["step"]
+    window = {"cells": 0, "start": time.perf_counter(), "sums": torch.zeros(1 + 2 * schema.num_streams, dtype=torch.float64)}
+    engine.train()
+    loop_started = time.perf_counter()
+    while step < cfg.optim.max_steps:
+        for _ in range(cfg.deepspeed.grad_accum):
+            epoch, b, tokens, docs = next(data)
+            labels = next_row_labels(tokens, docs, IGNORE)
+            supervised = all_sum([((labels != IGNORE) & (weights > 0)).sum().item()])[0]
+            out = engine(tokens, docs, labels=labels, normaliser=supervised.item() / world)
+            engine.backward(out.loss)
+            engine.step()
+            window["sums"] += torch.cat([out.loss_sum.detach().double().view(1), out.stream_loss_sum.double(),
+                                         out.stream_count.double()]).cpu()
+            window["cells"] += tokens.numel() * world
+            state.update(epoch=epoch, batch=b + 1)
+        step += 1
+        state["step"] = step
+        if cfg.run.fail_at_step == step and rank == world - 1:
+            marker = run_dir / ".fault_injected"
+            if not marker.exists():
+                marker.write_text(f"step {step}\n")
+                raise RuntimeError(f"injected fault at step {step} (run.fail_at_step)")
+
+        metrics = {}
+        if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
+            metrics.update(train_metrics(window, engine, scheduler, schema, world))
+        if step % cfg.eval.every == 0 or step == cfg.optim.max_steps:
+            metrics.update(evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank, world))
+            metrics["time/train_loop_s"] = time.perf_counter() - loop_started  # this session, evals included
+        if metrics:
+            tracker.log(step, metrics)
+        if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
+            report({"step": step, **metrics}, save=True)
+
+    if checkpoint and state["step"] >= cfg.optim.max_steps and step == state["step"]:
+        # re-run of a finished run: nothing to train; report the final evaluation once more
+        metrics = evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank, world)
+        tracker.log(step, metrics)
+        report({"step": step, **metrics}, save=True)
+    finish(engine, cfg, make_model, tokenizer, run_dir, train_tokens, train_docs, rank)
+    tracker.finish()
+
+
+def train_metrics(window: dict, engine, scheduler, schema, world: int) -> dict:
+    """Global train loss (per supervised cell) and per stream, since the last log; resets."""
+    C = schema.num_streams
+    sums = all_sum(window["sums"])
+    stream_sum, stream_count = sums[1 : 1 + C], sums[1 + C :]
+    weights = torch.tensor(schema.loss_weights, dtype=torch.float64)
+    supervised = (stream_count * (weights > 0)).sum()
+    elapsed = time.perf_counter() - window["start"]
+    metrics = {
+        "train/loss": float(sums[0] / supervised.clamp(min=1)),
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "train/tokens_per_s": window["cells"] / max(elapsed, 1e-9),
+        "train/tokens_per_s_per_worker": window["cells"] / world / max(elapsed, 1e-9),
+    }
+    for name, s, c in zip(schema.names, stream_sum.tolist(), stream_count.tolist()):
+        if c:
+            metrics[f"train/loss_{name}"] = s / c
+    window.update(cells=0, start=time.perf_counter(), sums=torch.zeros_like(window["sums"]))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank: int, world: int) -> dict:
+    """Validation loss per stream, and exact-match / time-to-first-token on held-out skill tasks."""
+    engine.eval()
+    C = schema.num_streams
+    sums = torch.zeros(2 * C, dtype=torch.float64)
+    n_batches = len(val_tokens) // cfg.data.batch_size
+    if cfg.eval.max_val_batches:
+        n_batches = min(n_batches, cfg.eval.max_val_batches)
+    for b, tok, doc in batches(val_tokens, val_docs, cfg.data.batch_size, 0, 0):
+        if b >= n_batches:
+            break
+        out = engine(tok.to(engine.device), doc.to(engine.device), loss=True)
+        sums += torch.cat([out.stream_loss_sum.double(), out.stream_count.double()]).cpu()
+    sums = all_sum(sums)
+    metrics = {f"val/loss_{n}": float(s / c) for n, s, c in zip(schema.names, sums[:C], sums[C:]) if c}
+    weights = torch.tensor(schema.loss_weights, dtype=torch.float64)
+    supervised = (sums[C:] * (weights > 0)).sum()
+    if supervised:
+        metrics["val/loss"] = float((sums[:C] * (weights > 0)).sum() / supervised)
+    metrics.update(skill_metrics(engine, cfg, schema, tokenizer, rank, world))
+    engine.train()
+    return metrics
+
+
+def skill_metrics(engine, cfg, schema, tokenizer, rank: int, world: int) -> dict:
+    """Held-out skill tasks (a seed of their own), decoded with the row decoder; each rank
+    takes every world-th example and the counts are combined."""
+    from ..data.skills import SKILL_STREAMS, TASKS, generate_examples
+    from ..data.pipeline import encoder
+    from .evaluate import evaluate_skills
+
+    if cfg.eval.skills_per_task == 0 or schema.names != SKILL_STREAMS.names:
+        return {}
+    examples = generate_examples(cfg.eval.skills_per_task * len(TASKS), cfg.eval.seed, schema, encoder(tokenizer))
+    mine = examples[rank::world]
+    if cfg.deepspeed.zero_stage == 3:  # decoding needs whole weights: gather them on every rank
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            local = evaluate_skills(engine.module, mine)
+    else:
+        local = evaluate_skills(engine.module, mine)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    return combine_skill_metrics(gathered)
+
+
+def combine_skill_metrics(parts: list[dict]) -> dict:
+    """Merge per-rank skill metrics (a rank may lack some tasks), weighting each task's means
+    by its example count on that rank."""
+    out = {}
+    keys = {k for p in parts for k in p if k.startswith("skills/") and k.count("/") == 2}
+    for key in sorted(keys):
+        task = key.split("/")[1]
+        if key.endswith("/n"):
+            out[key] = sum(p.get(key, 0) for p in parts)
+            continue
+        pairs = [(p[key], p[f"skills/{task}/n"]) for p in parts if key in p and not math.isnan(p[key])]
+        n = sum(w for _, w in pairs)
+        out[key] = sum(v * w for v, w in pairs) / n if n else float("nan")
+    return out
+
+
+def finish(engine, cfg, make_model, tokenizer, run_dir: Path, tokens, docs, rank: int) -> None:
+    """Consolidated HF export (ZeRO-3: gathered from every rank) and a logits probe that the
+    tests compare the export against."""
+    state_dict = full_state_dict(engine, cfg.deepspeed.zero_stage)
+    engine.eval()
+    with torch.no_grad():
+        probe_tokens, probe_docs = torch.from_numpy(tokens[:1]).long(), torch.from_numpy(docs[:1]).long()
+        logits = engine(probe_tokens.to(engine.device), probe_docs.to(engine.device)).logits
+    if rank == 0:
+        export_model({k: v.float() for k, v in state_dict.items()}, make_model, tokenizer, run_dir / "export")
+        torch.save({"tokens": probe_tokens, "doc_ids": probe_docs, "logits": logits.float().cpu()}, run_dir / "export_probe.pt")
+        print(f"exported {run_dir / 'export'}", flush=True)
