@@ -73,7 +73,7 @@ from ms_ray.core.streams import StreamSchema, StreamSpec, next_row_labels  # noq
 MIN = torch.finfo(torch.float32).min
 C, VOCAB = 4, 512
 DOC_SPLIT = (0.5, 0.3, 0.2)  # share of rows of each packed document
-VARIANTS = ("ours", "ours, bool", "release")
+VARIANTS = ("ours", "ours, checkpointed", "ours, bool", "release")
 
 
 def setup() -> None:
@@ -149,7 +149,15 @@ def step_release(model, opt, tokens, doc_ids, mask):
     opt.zero_grad(set_to_none=True)
 
 
-STEPS = {"ours": step_ours, "ours, bool": step_bool, "release": step_release}
+STEPS = {"ours": step_ours, "ours, checkpointed": step_ours, "ours, bool": step_bool, "release": step_release}
+
+
+def for_variant(model: MultiStreamLM, variant: str) -> MultiStreamLM:
+    """"ours, checkpointed": activation checkpointing per decoder layer (model.gradient_checkpointing
+    in the training config): layers are recomputed in backward instead of kept."""
+    if variant == "ours, checkpointed":
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 # ---- the release's collator --------------------------------------------------------------
@@ -220,7 +228,7 @@ def measure_memory(variant: str, S: int) -> dict:
     """Runs in a fresh child: peak RSS increase (MB) of one step (release: of collator + step)."""
     setup()
     torch.manual_seed(0)
-    model = make_model()
+    model = for_variant(make_model(), variant)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = STEPS[variant]
     small = make_batch(256)
@@ -281,7 +289,7 @@ def bench_speed(S: int, repeats: int, budget_s: float) -> dict:
     tokens, doc_ids = make_batch(S)
     torch.manual_seed(0)
     ours = make_model()
-    models = {"ours": ours, "ours, bool": copy.deepcopy(ours), "release": copy.deepcopy(ours)}
+    models = {v: for_variant(copy.deepcopy(ours), v) for v in VARIANTS}
     opts = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
     mask, collator_s, k = timed_collator(doc_ids, budget_s)
     bool_diff, rel_diff, bool_error = check_equal(models, tokens, doc_ids, mask)

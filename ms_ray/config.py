@@ -60,6 +60,7 @@ class ModelConfig(Strict):
     intermediate_size: int | None = None
     tie_embeddings: bool = True
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30 % more compute
     seed: int = 0
 
 

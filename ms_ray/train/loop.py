@@ -129,6 +129,8 @@ def train_worker(config: dict) -> None:
         return build_model(cfg.model, schema, tokenizer)[0]
 
     model = make_model()
+    if cfg.model.gradient_checkpointing:
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     schema = model.schema
     micro = cfg.data.batch_size
     engine, _, _, scheduler = deepspeed.initialize(
@@ -201,7 +203,7 @@ def train_worker(config: dict) -> None:
         if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
             metrics.update(train_metrics(window, engine, scheduler, schema, world))
         if step % cfg.eval.every == 0 or step == cfg.optim.max_steps:
-            metrics.update(evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank, world))
+            metrics.update(evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank, world))
             metrics["time/train_loop_s"] = time.perf_counter() - loop_started  # this session, evals included
         if metrics:
             tracker.log(step, metrics)
@@ -210,7 +212,7 @@ def train_worker(config: dict) -> None:
 
     if checkpoint and state["step"] >= cfg.optim.max_steps and step == state["step"]:
         # re-run of a finished run: nothing to train; report the final evaluation once more
-        metrics = evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank, world)
+        metrics = evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank, world)
         tracker.log(step, metrics)
         report({"step": step, **metrics}, save=True)
     finish(engine, cfg, make_model, tokenizer, run_dir, train_tokens, train_docs, rank)
@@ -240,7 +242,7 @@ def train_metrics(window: dict, engine, scheduler, schema, world: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank: int, world: int) -> dict:
+def evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank: int, world: int) -> dict:
     """Validation loss per stream, and exact-match / time-to-first-token on held-out skill tasks."""
     engine.eval()
     C = schema.num_streams
@@ -259,12 +261,28 @@ def evaluate(engine, cfg, schema, tokenizer, val_tokens, val_docs, rank: int, wo
     supervised = (sums[C:] * (weights > 0)).sum()
     if supervised:
         metrics["val/loss"] = float((sums[:C] * (weights > 0)).sum() / supervised)
-    metrics.update(skill_metrics(engine, cfg, schema, tokenizer, rank, world))
+    metrics.update(skill_metrics(engine, cfg, schema, tokenizer, make_model, rank, world))
     engine.train()
     return metrics
 
 
-def skill_metrics(engine, cfg, schema, tokenizer, rank: int, world: int) -> dict:
+def whole_model(engine, cfg, make_model):
+    """A model with whole weights that decodes without collectives. ZeRO-3 partitions the
+    parameters and its hooks gather them on every forward: ranks decoding different numbers of
+    rows would then run mismatched collectives. So all ranks gather once into a plain copy."""
+    if cfg.deepspeed.zero_stage < 3:
+        return engine.module
+    import deepspeed
+
+    plain = make_model()
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+        for mine, whole in zip(plain.parameters(), params):
+            mine.copy_(whole.data)
+    return plain.to(engine.device)
+
+
+def skill_metrics(engine, cfg, schema, tokenizer, make_model, rank: int, world: int) -> dict:
     """Held-out skill tasks (a seed of their own), decoded with the row decoder; each rank
     takes every world-th example and the counts are combined."""
     from ..data.skills import SKILL_STREAMS, TASKS, generate_examples
@@ -275,13 +293,7 @@ def skill_metrics(engine, cfg, schema, tokenizer, rank: int, world: int) -> dict
         return {}
     examples = generate_examples(cfg.eval.skills_per_task * len(TASKS), cfg.eval.seed, schema, encoder(tokenizer))
     mine = examples[rank::world]
-    if cfg.deepspeed.zero_stage == 3:  # decoding needs whole weights: gather them on every rank
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            local = evaluate_skills(engine.module, mine)
-    else:
-        local = evaluate_skills(engine.module, mine)
+    local = evaluate_skills(whole_model(engine, cfg, make_model), mine)
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
     return combine_skill_metrics(gathered)

@@ -98,7 +98,7 @@ def export(cfg, checkpoint: str | None, out: str | None) -> Path:
 
     run_dir = run_dir_of(cfg)
     if checkpoint is None:
-        found = sorted(run_dir.glob("checkpoint_*"), key=os.path.getmtime)
+        found = sorted((p for p in run_dir.glob("checkpoint_*") if (p / "ds").is_dir()), key=os.path.getmtime)
         if not found:
             raise FileNotFoundError(f"no checkpoint under {run_dir}; train first or pass --checkpoint")
         checkpoint = str(found[-1])

@@ -23,12 +23,13 @@ def test_schedules():
 def test_deepspeed_config():
     from ms_ray.config import DeepSpeedConfig
 
-    cfg = SimpleNamespace(deepspeed=DeepSpeedConfig(zero_stage=3, grad_accum=2, clip=0.5), optim=OptimConfig())
+    cpu = SimpleNamespace(use_gpu=False)
+    cfg = SimpleNamespace(deepspeed=DeepSpeedConfig(zero_stage=3, grad_accum=2, clip=0.5), optim=OptimConfig(), scaling=cpu)
     ds = deepspeed_config(cfg, 4)
     assert ds["optimizer"]["params"]["torch_adam"] is True  # inside params, or FusedAdam gets JIT-built
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (4, 2, 0.5)
-    off = deepspeed_config(SimpleNamespace(deepspeed=DeepSpeedConfig(offload_optimizer=True), optim=OptimConfig()), 1)
+    off = deepspeed_config(SimpleNamespace(deepspeed=DeepSpeedConfig(offload_optimizer=True), optim=OptimConfig(), scaling=cpu), 1)
     assert "torch_adam" not in off["optimizer"]["params"] and off["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     with pytest.raises(ValueError, match="offload_params needs zero_stage: 3"):
         DeepSpeedConfig(zero_stage=2, offload_params=True)
