@@ -165,17 +165,15 @@ def train_worker(config: dict) -> None:
                     yield epoch, b, tok.to(device), doc.to(device)
             epoch, skip = epoch + 1, 0
 
-    def report(metrics: dict, save: bool) -> None:
-        if not save:
-            ray.train.report(metrics)
-            return
+    def report(metrics: dict) -> None:
+        """Checkpoint and report: Ray registers the checkpoint once every rank has reported."""
         folder = Path(tempfile.mkdtemp(prefix="ms_ckpt_"))
         save_state(folder, engine, rank, {**state, "wandb_id": tracker.run_id})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
 
     data = micro_batches()
-    step = state["step"]
+    step = start_step = state["step"]
     window = {"cells": 0, "start": time.perf_counter(), "sums": torch.zeros(1 + 2 * schema.num_streams, dtype=torch.float64)}
     engine.train()
     loop_started = time.perf_counter()
@@ -208,13 +206,13 @@ def train_worker(config: dict) -> None:
         if metrics:
             tracker.log(step, metrics)
         if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
-            report({"step": step, **metrics}, save=True)
+            report({"step": step, **metrics})
 
-    if checkpoint and state["step"] >= cfg.optim.max_steps and step == state["step"]:
+    if start_step >= cfg.optim.max_steps:
         # re-run of a finished run: nothing to train; report the final evaluation once more
         metrics = evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank, world)
         tracker.log(step, metrics)
-        report({"step": step, **metrics}, save=True)
+        report({"step": step, **metrics})
     finish(engine, cfg, make_model, tokenizer, run_dir, train_tokens, train_docs, rank)
     tracker.finish()
 
