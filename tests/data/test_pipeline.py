@@ -89,3 +89,34 @@ def test_manifest_schema_is_checked_against_a_model(ray_local, tmp_path, chat_fi
         load_manifest(tmp_path / "e", other, "model ckpt")
     with pytest.raises(FileNotFoundError, match="not a prepared data set"):
         load_manifest(tmp_path / "nothing")
+
+
+def test_teacher_policy_through_the_pipeline(ray_local, tmp_path):
+    """A jsonl source converted by the teacher policy against our own loopback endpoint, from
+    inside the Ray Data tasks."""
+    from ms_ray.data.teacher import serve_local_teacher
+
+    chat = [{"messages": [{"role": "user", "content": "count one two three. then four five."},
+                          {"role": "assistant", "content": "one two three four five"}]}] * 4
+    path = write_jsonl(tmp_path / "teach.jsonl", chat)
+    server, base_url = serve_local_teacher()
+    try:
+        schema = {"streams": [{"name": "user", "role": "input"}, {"name": "output", "role": "output", "end_token": "<|end|>"}]}
+        words = "count one two three four five then".split()
+        from ms_ray.data.tokenizer import word_tokenizer
+
+        tok_dir = tmp_path / "tok"
+        word_tokenizer(words + ["three.", "five."], StreamSchema.from_dict(schema)).save_pretrained(tok_dir)
+        cfg = load_config(PrepareConfig, data={
+            "schema": schema, "tokenizer": str(tok_dir), "output": str(tmp_path / "out"),
+            "sources": [{"kind": "jsonl", "name": "teach", "path": path, "policy": "teacher",
+                         "teacher": {"base_url": base_url, "timeout_s": 10}}],
+            "split": {"validation_fraction": 0.0},
+        })
+        manifest = prepare(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert manifest["counts"] == {"examples": 4, "dropped": 0}
+    assert manifest["sources"]["teach"]["policies"] == {"teacher": 4}
+    assert len(server.requests) >= 4 * 3  # chunks per example, every one answered over loopback
