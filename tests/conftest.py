@@ -51,6 +51,22 @@ def model(bound, tokenizer):
     return make_model(bound, len(tokenizer))
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The skill tasks' word tokenizer (one token per task word)."""
+    from ms_ray.data.skills import skill_tokenizer
+
+    return skill_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sch(tok):
+    """The skill tasks' stream schema, bound to `tok`."""
+    from ms_ray.data.skills import SKILL_STREAMS
+
+    return SKILL_STREAMS.bind(tok)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray on 127.0.0.1 for the whole test session (started on first use)."""

@@ -5,21 +5,11 @@ import pytest
 
 from ms_ray.core.streams import SchemaError
 from ms_ray.data.skills import (
-    DICTIONARY, SKILL_STREAMS, TASKS, generate, generate_examples, sequential_text, skill_tokenizer, vocabulary,
+    DICTIONARY, SKILL_STREAMS, TASKS, generate, generate_examples, sequential_text, vocabulary,
 )
 from ms_ray.data.tables import Example, stream_tokens
 
 N = 200  # 50 examples per task: enough to see both count_stop variants, cheap to build
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return skill_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sch(tok):
-    return SKILL_STREAMS.bind(tok)
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import make_model
-from ms_ray.data.skills import SKILL_STREAMS, TASKS, generate_examples, skill_tokenizer
+from ms_ray.data.skills import TASKS, generate_examples
 from ms_ray.train.evaluate import evaluate_skills, format_skill_table
 
 N = 16  # 4 examples per task
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return skill_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sch(tok):
-    return SKILL_STREAMS.bind(tok)
 
 
 @pytest.fixture(scope="module")
