@@ -174,30 +174,32 @@ def read_jsonl(path: str | Path, schema: StreamSchema, fmt: str = "auto", role_m
     return _read_chat_lines(path, schema, fmt, roles, max_chars)
 
 
-def _read_chat_lines(path, schema, fmt, roles, max_chars) -> Iterator[Conversation | Dropped]:
+def _each_line(path, parse) -> Iterator:
+    """`parse(file, lineno, obj)` over the JSON objects of a file; lines that are not JSON
+    objects come through as the Dropped records `_json_lines` made of them."""
     file = str(path)
     for item in _json_lines(path):
-        if isinstance(item, Dropped):
-            yield item
-            continue
-        lineno, obj = item
+        yield item if isinstance(item, Dropped) else parse(file, *item)
+
+
+def _read_chat_lines(path, schema, fmt, roles, max_chars) -> Iterator[Conversation | Dropped]:
+    def parse(file, lineno, obj) -> Conversation | Dropped:
         line_fmt = detect_format(obj) if fmt == "auto" else fmt
         if line_fmt is None:
             keys = {f"'{key}' ({name})" for name, key in FORMAT_KEYS.items()}
-            yield Dropped(file, lineno, f"unknown format: none of the keys {sorted(keys)} is present "
-                                        f"(keys: {sorted(obj)})")
-            continue
+            return Dropped(file, lineno, f"unknown format: none of the keys {sorted(keys)} is present "
+                                         f"(keys: {sorted(obj)})")
         messages = _line_messages(obj, line_fmt)
         turns = messages if isinstance(messages, str) else _turns(messages, roles, schema, max_chars)
         if isinstance(turns, str):
-            yield Dropped(file, lineno, f"{line_fmt} line: {turns}")
-            continue
+            return Dropped(file, lineno, f"{line_fmt} line: {turns}")
         line_id = obj.get("id")
         if line_id is not None and not isinstance(line_id, (str, int)):
-            yield Dropped(file, lineno, f"id is {_kind(line_id)}, not a string or number")
-            continue
+            return Dropped(file, lineno, f"id is {_kind(line_id)}, not a string or number")
         group = str(line_id) if line_id is not None else f"{path}:{lineno}"
-        yield Conversation(source=file, group=group, turns=turns, file=file, line=lineno)
+        return Conversation(source=file, group=group, turns=turns, file=file, line=lineno)
+
+    return _each_line(path, parse)
 
 
 # ---- chitchat -----------------------------------------------------------------------------
@@ -317,12 +319,7 @@ def _table_rows(streams: Any, schema: StreamSchema, vocab: dict, silence: int) -
 
 
 def _read_table_lines(path, schema, vocab, silence) -> Iterator[Example | Dropped]:
-    file = str(path)
-    for item in _json_lines(path):
-        if isinstance(item, Dropped):
-            yield item
-            continue
-        lineno, obj = item
+    def parse(file, lineno, obj) -> Example | Dropped:
         reason = next((f"no '{key}' field" for key in (*TABLE_FIELDS, "streams") if key not in obj), None)
         reason = reason or next((f"{key} is {_kind(obj[key])}, not a string" for key in TABLE_FIELDS
                                  if not isinstance(obj[key], str)), None)
@@ -331,7 +328,8 @@ def _read_table_lines(path, schema, vocab, silence) -> Iterator[Example | Droppe
             reason = f"meta is {_kind(meta)}, not an object"
         rows = reason or _table_rows(obj["streams"], schema, vocab, silence)
         if isinstance(rows, str):
-            yield Dropped(file, lineno, f"table line: {rows}")
-            continue
-        yield Example(id=obj["id"], source=obj["source"], group=obj["group"], policy=obj["policy"],
-                      rows=rows, meta=meta)
+            return Dropped(file, lineno, f"table line: {rows}")
+        return Example(id=obj["id"], source=obj["source"], group=obj["group"], policy=obj["policy"],
+                       rows=rows, meta=meta)
+
+    return _each_line(path, parse)
