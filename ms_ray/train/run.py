@@ -43,7 +43,7 @@ def train(cfg) -> dict:
     # A local cluster gets one logical CPU beyond the workers' so Ray Data can read the shards
     # while every worker holds its CPU (otherwise the read waits forever on a 2-core machine).
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    ray = init_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, workers_cpus + 1))
+    init_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, workers_cpus + 1))
     manifest = manifest or prepare_data(cfg)
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -90,7 +90,7 @@ def test_forcing_an_output_stream(model):
 def test_stop_rules(model, bound):
     end = bound.end_ids()["output"]
     decoder = RowDecoder(model)
-    a = decoder.open("a", stop=StopRules(max_new_rows=3))
+    decoder.open("a", stop=StopRules(max_new_rows=3))
     b = decoder.open("b", stop=StopRules(max_new_rows=50))
     decoder.push(b, "output", [7, end])
     c = decoder.open("c", stop=StopRules(max_new_rows=50, end_streams=(), silent_rows=2))
@@ -147,7 +147,7 @@ def test_sampling_rules():
 
 def test_per_stream_sampling_settings(model):
     decoder = RowDecoder(model, seed=1)
-    sid = decoder.open(prefill=[[3, 4, 5]], sampling={"think": Sampling(temperature=3.0)}, stop=StopRules(30))
+    decoder.open(prefill=[[3, 4, 5]], sampling={"think": Sampling(temperature=3.0)}, stop=StopRules(30))
     rows = [decoder.step()[0].tokens for _ in range(30)]
     assert len({r[1] for r in rows}) > 3  # think is sampled hot
     with pytest.raises(KeyError, match="unknown streams \\['tool'\\]"):

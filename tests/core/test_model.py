@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model
 from ms_ray.core.families import FAMILIES, tiny_base_model
 from ms_ray.core.model import MultiStreamLM, allowed, dense_mask, flex_mask, row_positions
-from ms_ray.core.streams import SchemaError, StreamSchema, StreamSpec, TableError
+from ms_ray.core.streams import StreamSchema, StreamSpec, TableError
 
 V = 40
 

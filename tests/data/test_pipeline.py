@@ -71,7 +71,7 @@ def test_prepare_is_deterministic_and_keeps_splits_apart(ray_local, tmp_path, ch
     out = capsys.readouterr().out
     assert "prepared 90 examples, dropped 4" in out and "silence share per stream" in out
     assert f"{chat_file}:31: " in out and f"{chat_file}:34: " in out  # file:line: reason
-    other = prepare(config(tmp_path, "c", chat_file, max_drop_share=0.5, seed=1))
+    prepare(config(tmp_path, "c", chat_file, max_drop_share=0.5, seed=1))
     assert shards(tmp_path / "c") != a
 
 

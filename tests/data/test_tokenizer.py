@@ -16,7 +16,7 @@ def test_word_tokenizer_round_trip_and_specials(schema, tmp_path):
 
 
 def test_bpe_round_trip_digits_and_specials(schema):
-    from ms_ray.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+    from ms_ray.data.tokenizer import tokenizer_hash, train_bpe
 
     texts = ["hello there, how are you?", "I paid 1234 dollars for 56 apples", "naïve café — ok"] * 40
     tok = train_bpe(texts, schema, vocab_size=400, min_frequency=2)

@@ -1,6 +1,5 @@
 """Training on a real local Ray cluster with real DeepSpeed (2 CPU workers, gloo)."""
 
-import json
 from pathlib import Path
 
 import pytest
