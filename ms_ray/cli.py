@@ -8,7 +8,7 @@ import sys
 from .core.streams import SchemaError
 from .data.pipeline import PrepareError
 
-from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config
+from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config, load_serve_file
 
 
 def demo(cfg: DemoConfig) -> list:
@@ -79,12 +79,20 @@ def export(cfg: TrainConfig, checkpoint: str | None = None, out: str | None = No
     return run_export(cfg, checkpoint, out)
 
 
+def serve(cfg, blocking: bool = True):
+    """`ms-ray serve CHECKPOINT`: the Serve app on an embedded local Ray (127.0.0.1 unless told)."""
+    from .serving.app import serve_local
+
+    return serve_local(cfg, blocking)
+
+
 COMMANDS = {  # name: (function, config class, default config, help)
     "demo": (demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model"),
     "prepare": (prepare, PrepareConfig, "jobs/data-skills.yaml", "build packed stream-table shards on Ray Data"),
     "tokenizer": (tokenizer_train, TokenizerTrainConfig, "jobs/tokenizer.yaml", "train: a byte-level BPE tokenizer"),
     "train": (train, TrainConfig, "jobs/tiny.yaml", "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume"),
     "export": (export, TrainConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder"),
+    "serve": (serve, None, "serve/local.yaml", "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)"),
 }
 
 
@@ -100,13 +108,28 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
             p.add_argument("--out", help="output folder (default: {storage}/{name}/export)")
-        p.add_argument("config", nargs="?", default=default)
+        if name == "serve":
+            p.add_argument("checkpoint", nargs="?", help="a MultiStreamLM folder (default: the config's)")
+            p.add_argument("--config", default=default, help="a Serve config file (serve/*.yaml)")
+        else:
+            p.add_argument("config", nargs="?", default=default)
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides may also follow an --option
+    if any(a.startswith("-") or "=" not in a for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
+    if args.command == "serve" and args.checkpoint and "=" in args.checkpoint:  # only overrides were given
+        args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
     run, config_class, _, _ = COMMANDS[args.command]
     extra = {k: v for k, v in vars(args).items() if k in ("address", "checkpoint", "out")}
     try:
-        run(load_config(config_class, args.config, args.overrides), **extra)
+        if args.command == "serve":
+            checkpoint = extra.pop("checkpoint", None)
+            overrides = [f"checkpoint={checkpoint}"] if checkpoint else []
+            cfg = load_serve_file(args.config, [*overrides, *args.overrides])[0]
+        else:
+            cfg = load_config(config_class, args.config, args.overrides)
+        run(cfg, **extra)
     except (ConfigError, FileNotFoundError, SchemaError) as e:
         print(f"ms-ray {args.command}: {e}", file=sys.stderr)
         return 2

@@ -17,3 +17,13 @@ def test_core_benchmark_quick_run():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "## (a) Mask building" in run.stdout and "## (b) Decoding" in run.stdout
     assert "naive loop (release)" in run.stdout
+
+
+@pytest.mark.slow
+def test_serve_benchmark_quick_run():
+    run = subprocess.run([sys.executable, "benchmarks/bench_serve.py", "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for title in ("## (a) One replica, as fast", "## (b) One replica, real-time", "## (c) The decoder alone"):
+        assert title in run.stdout
+    assert "| 16 |" in run.stdout

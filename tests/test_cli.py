@@ -1,3 +1,5 @@
+import pytest
+
 from ms_ray.cli import main
 
 
@@ -44,3 +46,59 @@ def test_prepare_command(ray_local, tmp_path, capsys):
     assert "source file(s) do not exist: ['/no/such.jsonl']" in capsys.readouterr().err
     assert main(["prepare", "jobs/data-skills.yaml", "sources=[{kind: skills, policy: wait_k(1)}]"]) == 2
     assert "k must be >= 2" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_checkpoint_or_config(capsys, tmp_path):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--config", "serve/local.yaml", "model.max_replicas=0"]) == 2
+    err = capsys.readouterr().err
+    assert "serve/local.yaml" in err and "model.max_replicas" in err
+
+
+@pytest.mark.slow
+def test_serve_command_runs_the_app_and_stops_on_ctrl_c(tmp_path, tok, sch):
+    """`ms-ray serve CHECKPOINT` in its own process: embedded Ray on 127.0.0.1, a live session,
+    then Ctrl-C shuts it down."""
+    import asyncio
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from ms_ray.core.families import tiny_base_model
+    from ms_ray.core.model import MultiStreamLM
+    from ms_ray.serving.client import connect_session, wait_ready
+
+    MultiStreamLM(tiny_base_model("llama", len(tok)), sch).save_pretrained(tmp_path / "ckpt", tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ms_ray.cli", "serve", str(tmp_path / "ckpt"), f"port={port}",
+         "session.row_interval_s=0.02", "log_level=WARNING", "model.num_cpus=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 180)
+
+        async def session():
+            async with connect_session(f"ws://127.0.0.1:{port}") as s:  # local config: no key needed
+                await s.append("user", " 7 8")
+                words = []
+                while words[-2:] != ["7", "8"]:
+                    frame = await s.recv(30)
+                    words += frame.get("cells", {}).get("user", "").split()
+                return s.first, await s.close()
+
+        first, rest = asyncio.run(asyncio.wait_for(session(), 60))
+        assert first["role"] == "user" and rest[-1] == {"type": "end", "reason": "closed"}
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out[-3000:]
+        assert f"at http://127.0.0.1:{port}" in out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ms_ray.config import DemoConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config
+from ms_ray.config import (
+    DemoConfig, PrepareConfig, ServeConfig, TokenizerTrainConfig, TrainConfig, load_config, load_serve_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # shipped file -> the typed config that validates it; a new YAML must be added here
@@ -17,14 +19,17 @@ TYPED = {
     "jobs/tiny.yaml": TrainConfig,
     "jobs/qwen3-0.6b-zero2.yaml": TrainConfig,
     "jobs/qwen3-8b-zero3-offload.yaml": TrainConfig,
+    "serve/local.yaml": ServeConfig,  # Serve config files: ServeConfig is applications[0].args
+    "serve/cluster.yaml": ServeConfig,
 }
 GPU_PRESETS = {"jobs/qwen3-0.6b-zero2.yaml", "jobs/qwen3-8b-zero3-offload.yaml"}  # cluster paths (/mnt/...)
 
 
 def shipped_outputs() -> set[str]:
     """Where shipped jobs write: an input there is made by running another shipped job."""
-    configs = [load_config(cls, ROOT / p, check_paths=False) for p, cls in TYPED.items()]
-    return {c.output for c in configs if isinstance(c, (PrepareConfig, TokenizerTrainConfig))}
+    configs = [load_config(cls, ROOT / p, check_paths=False) for p, cls in TYPED.items() if cls is not ServeConfig]
+    outputs = {c.output for c in configs if isinstance(c, (PrepareConfig, TokenizerTrainConfig))}
+    return outputs | {f"{c.run.storage}/{c.run.name}/export" for c in configs if isinstance(c, TrainConfig)}
 SHIPPED = sorted(str(p.relative_to(ROOT)) for d in ("jobs", "serve", "cluster") for p in (ROOT / d).rglob("*.y*ml"))
 
 
@@ -35,6 +40,8 @@ def test_something_is_shipped():
 @pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_yaml_is_valid(path):
     assert path in TYPED, f"{path} has no typed config check: add it to TYPED"
+    if TYPED[path] is ServeConfig:
+        return check_serve_file(path)
     cfg = load_config(TYPED[path], ROOT / path, check_paths=False)
     if isinstance(cfg, TrainConfig):
         inputs = [p for p in (cfg.data.prepare,) if p]
@@ -51,3 +58,21 @@ def test_shipped_yaml_is_valid(path):
             assert (ROOT / p).exists() or p in shipped_outputs(), f"{path}: input {p} neither ships nor is made by a shipped job"
     for doc in yaml.safe_load_all((ROOT / path).read_text()):
         assert isinstance(doc, dict)
+
+
+def check_serve_file(path):
+    """Ray's own schema for the file, ours for the app's args; the builder imports; local files
+    bind to 127.0.0.1 and serve a checkpoint a shipped job makes."""
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg, tree = load_serve_file(ROOT / path, check_paths=False)
+    schema = ServeDeploySchema.model_validate(tree)
+    module, name = schema.applications[0].import_path.split(":")
+    assert callable(getattr(__import__(module, fromlist=[name]), name))
+    assert set(cfg.roles) >= {"user", "monitor"}
+    if path == "serve/local.yaml":
+        assert cfg.host == "127.0.0.1" and schema.http_options.host == "127.0.0.1"
+        assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
+    else:
+        assert cfg.checkpoint.startswith("/mnt/shared") and cfg.model.num_gpus >= 1
+        assert cfg.ingress.anonymous_role is None  # a cluster never serves without keys

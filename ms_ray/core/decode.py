@@ -235,7 +235,10 @@ class RowDecoder:
         if self.next_logits is None:
             rows = forced
         else:
-            sampled = sample(self.next_logits[: len(active)], self._cell_sampling(), self.silence, self.generator)
+            logits = self.next_logits[: len(active)]
+            if len(logits) < len(active):  # sessions that joined without a prefill: all their cells are forced
+                logits = torch.cat([logits, logits.new_zeros(len(active) - len(logits), *logits.shape[1:])])
+            sampled = sample(logits, self._cell_sampling(), self.silence, self.generator)
             rows = torch.where(use_forced, forced, sampled)  # [n, C]
         logits = self._forward(active, rows[:, None])  # [n, C, V]
         self._store_logits(active, logits)

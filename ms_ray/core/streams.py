@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 SCHEMA_FILE = "ms_schema.json"
 DEFAULT_SILENCE = "<|silence|>"
@@ -212,6 +214,8 @@ class StreamSchema:
 # ---- tables ------------------------------------------------------------------------------
 def check_table(tokens: torch.Tensor, schema: StreamSchema, vocab_size: int, what: str = "tokens") -> None:
     """Validate a batch of tables [B, R, C]: integer dtype, C == len(schema), ids in range."""
+    import torch  # here, not at the top: configs and the ingress read schemas without torch
+
     if tokens.dim() != 3:
         raise TableError(f"{what}: expected a table batch [B, R, C], got shape {tuple(tokens.shape)}")
     if tokens.dtype not in (torch.int64, torch.int32):
@@ -238,6 +242,8 @@ def next_row_labels(tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, i
     tokens [B, R, C], doc_ids [B, R] (-1 = padding). The last row of every document, and
     padding rows, get `ignore`.
     """
+    import torch
+
     labels = torch.full_like(tokens, ignore)
     labels[:, :-1] = tokens[:, 1:]
     if doc_ids is not None:

@@ -67,6 +67,27 @@ def test_sessions_together_equal_each_alone(bound):
             torch.testing.assert_close(l1, l2, atol=1e-4, rtol=0)
 
 
+def test_many_sessions_joining_without_prefill(bound):
+    """Sessions opened with no prefill, one per step, beyond the cache's first slot capacity:
+    each decodes exactly as it does alone (the serving path opens sessions this way)."""
+    model = make_model(bound, V)
+
+    def run(indices):
+        decoder = RowDecoder(model)
+        rows = {i: [] for i in indices}
+        for step in range(16):
+            if step in indices:
+                decoder.open(f"s{step}", stop=StopRules(6))
+                decoder.push(f"s{step}", "user", [3 + step, 4 + step])
+            for row in decoder.step():
+                rows[int(row.session[1:])].append(row.tokens)
+        return rows
+
+    together = run(list(range(9)))
+    for i in range(9):
+        assert together[i] == run([i])[i] and len(together[i]) == 6
+
+
 def test_input_injection_one_token_per_row_and_silence(model, bound):
     decoder = RowDecoder(model)
     sid = decoder.open(stop=StopRules(6))

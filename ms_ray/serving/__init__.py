@@ -1,0 +1,1 @@
+"""Serving multi-stream sessions on Ray Serve (see serve/PROTOCOL.md)."""

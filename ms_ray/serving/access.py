@@ -1,0 +1,129 @@
+"""Who may do what, and what a client frame must look like (serve/PROTOCOL.md).
+
+Roles come from the config (`roles:`), each with its API keys and the streams it may write, force
+and read. The ingress resolves a key to an `Access` once per connection or request; everything
+else asks that object. Client frames are checked here too, so that every malformed frame gets an
+error naming the problem and the session goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+
+class ServeError(Exception):
+    """A request the server refuses; `code` is the protocol's error code (serve/PROTOCOL.md)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(code, message)  # both in args: survives pickling across Ray
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+HTTP_STATUS = {  # protocol error code -> HTTP status
+    "unauthorized": 401, "forbidden": 403, "output_stream": 403, "unknown_stream": 400, "bad_json": 400,
+    "bad_frame": 400, "bad_utf8": 400, "too_large": 413, "unknown_session": 404, "session_ended": 410,
+    "session_lost": 410, "busy": 503, "timeout": 504, "internal": 500,
+}
+WS_CLOSE = {  # protocol error code -> WebSocket close code, for errors that end the connection
+    "unauthorized": 1008, "forbidden": 1008, "busy": 1013, "unknown_session": 4404, "session_ended": 4410,
+    "session_lost": 1011, "timeout": 1011, "internal": 1011,
+}
+
+
+@dataclass(frozen=True)
+class Access:
+    role: str
+    open: bool  # may open sessions
+    write: frozenset[str]  # input streams it may append to
+    force: frozenset[str]  # output streams it may force
+    read: frozenset[str]
+
+    def check_write(self, stream: str, roles_of_streams: dict[str, str]) -> bool:
+        """-> whether the write is a force (an output stream); raises the protocol's error otherwise."""
+        kind = roles_of_streams.get(stream)
+        if kind is None:
+            raise ServeError("unknown_stream", f"no stream {stream!r}; this model's streams are {list(roles_of_streams)}")
+        if kind == "output":
+            if stream in self.force:
+                return True
+            raise ServeError("output_stream", f"stream {stream!r} is an output stream: the model writes it, clients cannot")
+        if stream not in self.write:
+            raise ServeError("forbidden", f"role {self.role!r} may not write stream {stream!r} (it may write {sorted(self.write)})")
+        return False
+
+
+class AccessPolicy:
+    """Keys -> roles -> Access, for one model's streams."""
+
+    def __init__(self, roles: dict, stream_roles: dict[str, str], anonymous_role: str | None):
+        self.stream_roles = stream_roles
+        names = set(stream_roles)
+        self.by_role: dict[str, Access] = {}
+        self.by_key: dict[str, str] = {}
+        for role, cfg in roles.items():
+            read = names if "*" in cfg.read else names & set(cfg.read)
+            self.by_role[role] = Access(
+                role, cfg.open, frozenset(names & set(cfg.write)), frozenset(names & set(cfg.force)),
+                frozenset(read - set(cfg.hidden)),
+            )
+            for key in cfg.keys:
+                value = os.environ.get(key[4:]) if key.startswith("env:") else key
+                if value:
+                    if value in self.by_key and self.by_key[value] != role:
+                        raise ValueError(f"roles: one API key is given to both {self.by_key[value]!r} and {role!r}")
+                    self.by_key[value] = role
+        self.anonymous_role = anonymous_role
+
+    def resolve(self, key: str | None) -> Access:
+        if key:
+            role = self.by_key.get(key)
+            if role is None:
+                raise ServeError("unauthorized", "unknown API key")
+            return self.by_role[role]
+        if self.anonymous_role is None:
+            raise ServeError("unauthorized", "an API key is required (Authorization: Bearer KEY, X-API-Key or ?key=)")
+        return self.by_role[self.anonymous_role]
+
+
+def key_from(headers, query) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get("x-api-key") or query.get("key")
+
+
+def parse_frame(raw: str | bytes | None, max_bytes: int) -> dict:
+    """A client frame (text, or UTF-8 bytes) -> a checked dict; ServeError names what is wrong."""
+    if raw is None:
+        raise ServeError("bad_frame", "empty frame")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise ServeError("too_large", f"frame of {size} bytes; the limit is {max_bytes}")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ServeError("bad_utf8", f"frame is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    try:
+        frame = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ServeError("bad_json", f"frame is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(frame, dict):
+        raise ServeError("bad_frame", f"a frame is a JSON object, got {type(frame).__name__}")
+    kind = frame.get("type")
+    if kind == "append":
+        for name in ("stream", "text"):
+            if not isinstance(frame.get(name), str):
+                raise ServeError("bad_frame", f"append frame: '{name}' must be a string")
+        unknown = set(frame) - {"type", "stream", "text"}
+    elif kind == "close":
+        unknown = set(frame) - {"type"}
+    else:
+        raise ServeError("bad_frame", f"unknown frame type {kind!r}; expected 'append' or 'close'")
+    if unknown:
+        raise ServeError("bad_frame", f"{kind} frame: unknown field(s) {sorted(unknown)}")
+    return frame

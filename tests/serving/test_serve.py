@@ -1,0 +1,427 @@
+"""The Serve app end to end: real Ray Serve, real sockets on 127.0.0.1, a tiny random model.
+
+Three apps run side by side on one Serve instance:
+  main  16+ sessions per replica, the tool runner, per-role keys (most tests);
+  small one session per replica (the "busy" answer, a replica dying);
+  auto  1-2 replicas autoscaling on live sessions (slow).
+"""
+
+import asyncio
+import json
+import socket
+import time
+from contextlib import AsyncExitStack
+
+import httpx
+import pytest
+
+from ms_ray.config import ServeConfig
+from ms_ray.core.families import tiny_base_model
+from ms_ray.core.model import MultiStreamLM
+from ms_ray.serving.client import connect_session, wait_ready
+
+KEYS = {"user": "user-key", "tool": "tool-key", "operator": "operator-key", "monitor": "monitor-key"}
+ROLES = {
+    "user": {"keys": [KEYS["user"]], "write": ["user"], "hidden": ["think"]},
+    "tool": {"keys": [KEYS["tool"]], "open": False, "write": ["tool"], "read": ["tool_call", "tool"]},
+    "operator": {"keys": [KEYS["operator"]], "write": ["user"], "force": ["tool_call"], "hidden": ["think"]},
+    "monitor": {"keys": [KEYS["monitor"]], "open": False},
+}
+NUMBERS = [str(n) for n in range(145)]  # one word-level token each in the skill tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(checkpoint, port, name, **sections) -> ServeConfig:
+    data = {
+        "checkpoint": str(checkpoint), "name": name, "log_level": "WARNING", "route_prefix": f"/{name}", "port": port, "roles": ROLES,
+        "ingress": {"anonymous_role": None, "call_timeout_s": 10, "max_frame_bytes": 4096},
+        "session": {
+            "row_interval_s": 0.01, "idle_timeout_s": 30,
+            # the random model's tool_call stays silent unless forced; its output and think never are
+            "sampling": {"tool_call": {"silence_penalty": -1e4}, "output": {"silence_penalty": 1e4},
+                         "think": {"silence_penalty": 1e4}},
+        },
+        "model": {"num_cpus": 0, "max_sessions_per_replica": 24},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return ServeConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tok, sch, tmp_path_factory):
+    from ray import serve
+
+    from ms_ray.serving.app import build
+
+    checkpoint = tmp_path_factory.mktemp("serve") / "tiny"
+    MultiStreamLM(tiny_base_model("llama", len(tok), seed=0), sch).save_pretrained(checkpoint, tok)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    apps = {
+        "main": app_config(checkpoint, port, "main"),
+        "small": app_config(checkpoint, port, "small", model={"max_sessions_per_replica": 1}),
+    }
+    for cfg in apps.values():
+        serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for name in apps:
+        wait_ready(f"{base}/{name}")
+    yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "checkpoint": checkpoint, "port": port, "apps": apps}
+    serve.shutdown()
+
+
+def ws_url(served, app="main"):
+    return f"{served['ws']}/{app}"
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def words_of(rows, stream):
+    return "".join(r["cells"].get(stream, "") for r in rows).split()
+
+
+async def read_until(session, predicate, timeout=30):
+    """Frames until predicate(rows) holds; returns (rows, errors)."""
+    rows, errors = [], []
+    deadline = time.monotonic() + timeout
+    while not predicate(rows):
+        assert time.monotonic() < deadline, f"timed out; last rows {rows[-3:]}, errors {errors}"
+        frame = await session.recv(timeout)
+        assert frame is not None, f"connection closed early ({session.close_code} {session.close_reason}); errors {errors}"
+        (rows if frame["type"] == "row" else errors).append(frame)
+    return rows, errors
+
+
+async def next_error(session, timeout=10) -> dict:
+    """Skip rows (they keep coming) up to the next error frame."""
+    while (frame := await session.recv(timeout))["type"] != "error":
+        assert frame["type"] == "row", frame
+    return frame
+
+
+async def collect(session, into: list) -> None:
+    async for frame in session.frames(60):
+        into.append(frame)
+
+
+# ---- health ------------------------------------------------------------------------------
+def test_health_and_readiness(served):
+    assert httpx.get(f"{served['http']}/main/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{served['http']}/main/readyz").json()
+    assert ready["ready"] is True and ready["warmup_s"] >= 0
+    assert [s["name"] for s in ready["streams"]] == ["user", "think", "output", "tool", "tool_call"]
+
+
+# ---- duplex ------------------------------------------------------------------------------
+def test_duplex_session_output_while_input_streams(served):
+    words = NUMBERS[10:30]
+
+    async def scenario():
+        async with connect_session(ws_url(served), KEYS["user"]) as s:
+            assert s.first["type"] == "session" and s.first["role"] == "user"
+            assert s.first["read"] == ["output", "tool", "tool_call", "user"] and s.first["write"] == ["user"]
+            rows, arrived_between = [], 0
+            for i, w in enumerate(words):
+                await s.append("user", f" {w}")
+                await asyncio.sleep(0.02)
+                while True:  # rows that arrived while we were still typing
+                    try:
+                        frame = await asyncio.wait_for(s.recv(), 0.001)
+                    except asyncio.TimeoutError:
+                        break
+                    rows.append(frame)
+                    arrived_between += 0 < i < len(words) - 1
+            more, _ = await read_until(s, lambda r: words_of(rows + r, "user") == words)
+            rows += more
+            end = await s.close()
+            return rows, arrived_between, end, s.close_code
+
+    rows, arrived_between, end, code = run(scenario())
+    assert arrived_between > 0, "no row arrived while the user was still typing"
+    assert words_of(rows, "user") == words  # echoed exactly once, in order
+    last_input_row = max(r["row"] for r in rows if "user" in r["cells"])
+    assert any("output" in r["cells"] and r["row"] < last_input_row for r in rows), "no output before the input ended"
+    assert all("think" not in r["cells"] for r in rows)  # the user role does not read think
+    assert [r["row"] for r in rows] == list(range(len(rows)))
+    assert end[-1] == {"type": "end", "reason": "closed"} and code == 1000
+
+
+def test_16_concurrent_sessions_lose_nothing(served):
+    async def one(i):
+        words = [NUMBERS[(i * 9 + j) % len(NUMBERS)] for j in range(12)]
+        async with connect_session(ws_url(served), KEYS["user"]) as s:
+            for w in words:
+                await s.append("user", f" {w}")
+                await asyncio.sleep(0.005 * (i % 4))
+            rows, errors = await read_until(s, lambda r: len(words_of(r, "user")) >= len(words), timeout=60)
+            rows += (await read_until(s, lambda r: len(r) >= 3))[0]  # a few more rows: nothing extra arrives
+            rows += [f for f in await s.close() if f["type"] == "row"]
+            return words, rows, errors
+
+    async def all_sessions():
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    results = run(all_sessions())
+    for words, rows, errors in results:
+        assert errors == []
+        assert words_of(rows, "user") == words
+        assert [r["row"] for r in rows] == list(range(len(rows))), "row numbers missing or repeated"
+
+
+# ---- tools -------------------------------------------------------------------------------
+def test_tool_runner_answers_while_rows_continue(served):
+    async def scenario():
+        async with connect_session(ws_url(served), KEYS["operator"]) as s:
+            assert "tool_call" in s.first["write"]
+            await s.append("tool_call", "mul 6 7")  # forced: the random model would never write it
+            rows, _ = await read_until(s, lambda r: any("tool" in x["cells"] for x in r))
+            rows += (await read_until(s, lambda r: len(r) >= 5))[0]
+            await s.close()
+            return rows
+
+    rows = run(scenario())
+    call_rows = [r["row"] for r in rows if "tool_call" in r["cells"]]
+    assert "".join(r["cells"].get("tool_call", "") for r in rows).split() == ["mul", "6", "7"]
+    result_row = next(r for r in rows if "tool" in r["cells"])
+    assert result_row["cells"]["tool"].strip() == "42"
+    assert result_row["row"] > max(call_rows) + 1  # the rows went on while the tool ran
+    assert max(r["row"] for r in rows) >= result_row["row"] + 5
+    assert [r["row"] for r in rows] == list(range(len(rows)))
+
+
+# ---- permissions -------------------------------------------------------------------------
+def test_monitor_reads_think_read_only_and_roles_are_enforced(served):
+    async def scenario():
+        async with connect_session(ws_url(served), KEYS["user"]) as user:
+            async with connect_session(ws_url(served), KEYS["monitor"], session=user.id) as monitor:
+                assert monitor.first["id"] == user.id and monitor.first["write"] == []
+                await user.append("user", " 5 6 7")
+                seen, _ = await read_until(monitor, lambda r: len(r) >= 8)
+                await monitor.append("user", " 9")
+                refused = await next_error(monitor)
+                user_rows, user_errors = await read_until(user, lambda r: len(r) >= 8)
+                await user.append("tool", " 3")
+                tool_refused = await next_error(user)
+            async with connect_session(ws_url(served), KEYS["tool"], session=user.id) as tool:
+                await tool.append("user", " 1")
+                tool_user = await next_error(tool)
+                await tool.append("tool", " 12")
+                tool_rows, tool_errors = await read_until(tool, lambda r: any("tool" in x["cells"] for x in r))
+            async with connect_session(ws_url(served), KEYS["monitor"]) as opener:
+                refused_open = opener.first, (await opener.recv(5)), opener.close_code
+            await user.close()
+            return seen, refused, user_rows, tool_refused, tool_user, tool_rows, tool_errors, refused_open
+
+    seen, refused, user_rows, tool_refused, tool_user, tool_rows, tool_errors, refused_open = run(scenario())
+    assert any("think" in r["cells"] for r in seen)  # the monitor reads the think stream
+    assert all("think" not in r["cells"] for r in user_rows)
+    assert refused["code"] == "forbidden" and "monitor" in refused["message"]
+    assert tool_refused["code"] == "forbidden" and "'tool'" in tool_refused["message"]
+    assert tool_user["code"] == "forbidden"
+    assert tool_errors == [] and all(set(r["cells"]) <= {"tool", "tool_call"} for r in tool_rows)
+    assert refused_open[0]["code"] == "forbidden" and refused_open[1] is None and refused_open[2] == 1008
+
+
+def test_bad_frames_get_errors_and_the_session_survives(served):
+    cases = [
+        ("{not json", "bad_json"),
+        ('["a list"]', "bad_frame"),
+        (json.dumps({"type": "shout"}), "bad_frame"),
+        (json.dumps({"type": "append", "stream": "user"}), "bad_frame"),
+        (json.dumps({"type": "append", "stream": "user", "text": 5}), "bad_frame"),
+        (json.dumps({"type": "append", "stream": "user", "text": "x", "extra": 1}), "bad_frame"),
+        (json.dumps({"type": "append", "stream": "user", "text": "x" * 5000}), "too_large"),
+        (b'{"type": "append", "stream": "user", "text": "\xff\xfe"}', "bad_utf8"),
+        (json.dumps({"type": "append", "stream": "nope", "text": "x"}), "unknown_stream"),
+        (json.dumps({"type": "append", "stream": "output", "text": "x"}), "output_stream"),
+        (json.dumps({"type": "append", "stream": "tool", "text": "x"}), "forbidden"),
+    ]
+
+    async def scenario():
+        async with connect_session(ws_url(served), KEYS["user"]) as s:
+            errors = []
+            for raw, _ in cases:
+                await s.send_raw(raw)
+                errors.append(await next_error(s))
+            await s.append("user", " 77")
+            rows, more = await read_until(s, lambda r: "77" in words_of(r, "user"))
+            await s.close()
+            return errors, rows, more
+
+    errors, rows, more = run(scenario())
+    assert [e["code"] for e in errors] == [code for _, code in cases]
+    assert "4096" in errors[6]["message"] and "'nope'" in errors[8]["message"] and "'output'" in errors[9]["message"]
+    assert more == [] and "77" in words_of(rows, "user")
+
+
+def test_refusals_close_the_socket_with_a_code(served):
+    async def scenario():
+        out = {}
+        async with connect_session(ws_url(served), "wrong-key") as s:
+            out["bad_key"] = s.first, await s.recv(5), s.close_code
+        async with connect_session(ws_url(served), KEYS["monitor"], session="zzzzzzzz.0123456789abcdef") as s:
+            frames = [f async for f in s.frames(5)]
+            out["unknown"] = s.first, frames[-1], s.close_code
+        async with connect_session(ws_url(served)) as s:  # no key, no anonymous role
+            out["no_key"] = s.first, await s.recv(5), s.close_code
+        return out
+
+    out = run(scenario())
+    assert out["bad_key"][0]["code"] == "unauthorized" and out["bad_key"][2] == 1008
+    assert out["no_key"][0]["code"] == "unauthorized" and "key" in out["no_key"][0]["message"]
+    assert out["unknown"][0]["type"] == "session"  # attaching is allowed; the stream then says why not
+    assert out["unknown"][1]["code"] in ("unknown_session", "session_lost") and out["unknown"][2] in (4404, 1011)
+
+
+# ---- HTTP + SSE --------------------------------------------------------------------------
+def sse_events(lines):
+    event = {}
+    for line in lines:
+        if line.startswith("data: "):
+            event = json.loads(line[6:])
+        elif line == "" and event:
+            yield event
+            event = {}
+
+
+def test_http_session_with_server_sent_events(served):
+    base, auth = f"{served['http']}/main", {"Authorization": f"Bearer {KEYS['user']}"}
+    with httpx.Client(timeout=30) as http:
+        created = http.post(f"{base}/v1/sessions", headers=auth)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        for w in ("8", "9", "10"):
+            ok = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"stream": "user", "text": f" {w}"})
+            assert ok.status_code == 200 and ok.json()["tokens"] == 1
+        bad = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"stream": "think", "text": "x"})
+        assert bad.status_code == 403 and bad.json()["code"] == "output_stream"
+        assert http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, content=b"{oops").json()["code"] == "bad_json"
+        missing = http.post(f"{base}/v1/sessions/zzzzzzzz/append", headers=auth, json={"stream": "user", "text": "1"})
+        assert missing.status_code == 404 and missing.json()["code"] == "unknown_session"
+        assert http.post(f"{base}/v1/sessions", headers={"X-API-Key": "nope"}).status_code == 401
+        rows = []
+        with http.stream("GET", f"{base}/v1/sessions/{sid}/events", headers=auth) as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            for event in sse_events(events.iter_lines()):
+                rows.append(event)
+                if words_of([r for r in rows if r["type"] == "row"], "user") == ["8", "9", "10"]:
+                    assert http.delete(f"{base}/v1/sessions/{sid}", headers=auth).status_code == 200
+                if event["type"] == "end":
+                    break
+        assert rows[-1] == {"type": "end", "reason": "closed"}
+        row_numbers = [r["row"] for r in rows if r["type"] == "row"]
+        assert row_numbers == list(range(len(row_numbers)))  # replayed from row 0: nothing before the GET lost
+        resumed = http.get(f"{base}/v1/sessions/{sid}/events", headers={**auth, "Last-Event-ID": "2"})
+        replay = list(sse_events(resumed.text.splitlines()))
+        assert replay[0]["row"] == 3 and replay[-1]["type"] == "end"  # an ended session still replays
+
+
+def test_one_shot_generate_streams_rows(served):
+    base, auth = f"{served['http']}/main", {"Authorization": f"Bearer {KEYS['user']}"}
+    body = {"inputs": {"user": " 1 2 3 4"}, "max_rows": 12}
+    with httpx.Client(timeout=30) as http:
+        events = list(sse_events(http.post(f"{base}/v1/generate", headers=auth, json=body).text.splitlines()))
+        assert events[0]["type"] == "session" and events[-1]["type"] == "end"
+        rows = [e for e in events if e["type"] == "row"]
+        assert words_of(rows, "user") == ["1", "2", "3", "4"] and [r["row"] for r in rows] == list(range(len(rows)))
+        assert len(rows) <= 12 and events[-1]["reason"] in ("max_rows", "end_token")
+        refused = http.post(f"{base}/v1/generate", headers=auth, json={"inputs": {"tool": "1"}})
+        assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+        assert http.post(f"{base}/v1/generate", headers=auth, json={"inputs": "x"}).json()["code"] == "bad_frame"
+
+
+# ---- capacity and failures ---------------------------------------------------------------
+def test_busy_answer_at_the_session_limit(served):
+    async def scenario():
+        async with connect_session(ws_url(served, "small"), KEYS["user"]) as first:
+            assert first.first["type"] == "session"
+            async with connect_session(ws_url(served, "small"), KEYS["user"]) as second:
+                busy = second.first, await second.recv(5), second.close_code
+            http = httpx.post(f"{served['http']}/small/v1/sessions", headers={"X-API-Key": KEYS["user"]}, timeout=10)
+            await first.close()
+            return busy, http
+
+    busy, http = run(scenario())
+    assert busy[0]["code"] == "busy" and "retry" in busy[0]["message"] and busy[2] == 1013
+    assert http.status_code == 503 and int(http.headers["Retry-After"]) > 0 and http.json()["code"] == "busy"
+
+
+def test_replica_death_tells_the_client(served):
+    import ray
+
+    async def scenario():
+        async with connect_session(ws_url(served, "small"), KEYS["user"]) as s:
+            await read_until(s, lambda r: len(r) >= 2)
+            (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["name"].startswith("SERVE_REPLICA::small#SessionServer")]
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            started = time.monotonic()
+            frames = [f async for f in s.frames(timeout=30)]
+            return frames, s.close_code, s.close_reason, time.monotonic() - started
+
+    frames, code, reason, seconds = run(scenario())
+    errors = [f for f in frames if f["type"] == "error"]
+    assert errors and errors[-1]["code"] == "session_lost", frames[-3:]
+    assert code == 1011 and "gone" in reason and seconds < 30
+    wait_ready(f"{served['http']}/small")  # Serve replaces the replica; new sessions work again
+
+
+@pytest.mark.slow
+def test_autoscaling_on_live_sessions_keeps_each_session_on_its_replica(served):
+    from ray import serve
+
+    from ms_ray.serving.app import build
+
+    cfg = app_config(served["checkpoint"], served["port"], "auto", model={
+        "min_replicas": 1, "max_replicas": 2, "target_sessions_per_replica": 2, "upscale_delay_s": 0,
+        "downscale_delay_s": 2, "look_back_period_s": 2,
+    })
+    serve.run(build(cfg), name="auto", route_prefix="/auto", blocking=False)
+    wait_ready(f"{served['http']}/auto")
+
+    def replicas() -> int:
+        states = serve.status().applications["auto"].deployments["SessionServer"].replica_states
+        return states.get("RUNNING", 0)
+
+    async def wait_for(condition, seconds):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, f"autoscaling did not happen in {seconds} s ({replicas()} replicas)"
+            await asyncio.sleep(0.5)
+
+    async def scenario():
+        async with AsyncExitStack() as stack:
+            sessions, frames, readers = [], [], []
+
+            async def open_more(n):
+                for _ in range(n):
+                    s = await stack.enter_async_context(connect_session(ws_url(served, "auto"), KEYS["user"]))
+                    sessions.append(s)
+                    frames.append([])
+                    readers.append(asyncio.create_task(collect(s, frames[-1])))  # keep reading: no backlog, pings answered
+
+            await open_more(4)
+            await wait_for(lambda: replicas() == 2, 90)  # 4 live sessions, 2 per replica: scale up
+            await open_more(4)
+            for i, s in enumerate(sessions):  # every session's input reaches the replica that holds it
+                await s.append("user", f" {NUMBERS[i]}")
+            await wait_for(lambda: all(NUMBERS[i] in words_of([f for f in got if f["type"] == "row"], "user")
+                                       for i, got in enumerate(frames)), 30)
+            for s in sessions:  # the readers drain up to the end frame
+                await s.send_raw(json.dumps({"type": "close"}))
+            await asyncio.gather(*readers)
+        assert all(f["type"] != "error" for got in frames for f in got)
+        await wait_for(lambda: replicas() == 1, 90)  # idle: drain and scale down
+        return {s.id.split(".")[0] for s in sessions}
+
+    owners = run(scenario(), timeout=240)
+    serve.delete("auto")
+    assert len(owners) == 2  # sessions opened after the scale-up went to the new replica
