@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .core.streams import SchemaError
@@ -96,6 +97,51 @@ COMMANDS = {  # name: (function, config class, default config, help)
 }
 
 
+DASHBOARD = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+
+
+def add_cluster_commands(sub) -> None:
+    """Commands that talk to a running cluster (Ray Jobs, preflight): not config-shaped."""
+    p = sub.add_parser("submit", help="run a train/prepare/tokenizer config as a Ray Job on a cluster")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, passed to the job's command")
+    p.add_argument("--address", default=DASHBOARD, help=f"the head's dashboard (default {DASHBOARD})")
+    p.add_argument("--follow", action="store_true", help="print the logs and exit with the job's status")
+    p.add_argument("--name", help="submission id (default: Ray's)")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job")
+    p.add_argument("--token", help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    p = sub.add_parser("jobs", help="list, logs or stop Ray Jobs")
+    p.add_argument("action", choices=["list", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", default=DASHBOARD)
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--token")
+    p = sub.add_parser("preflight", help="check storage, versions, GPUs, backend and W&B on every node")
+    p.add_argument("config", nargs="?", default="jobs/tiny.yaml", help="the training config to check for")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--address", help="a running cluster (GCS address or 'auto'; default: RAY_ADDRESS or local)")
+    p.add_argument("--token")
+
+
+def run_cluster_command(args, extra: list[str]) -> int:
+    from .submit import SubmitError, jobs_command, submit, use_token
+
+    try:
+        if args.command == "submit":
+            return submit(args.config, [*args.overrides, *extra], args.address, args.follow, args.token,
+                          args.working_dir, args.name, args.env)
+        if args.command == "jobs":
+            return jobs_command(args.action, args.address, args.job_id, args.follow, args.token)
+        from .preflight import preflight
+
+        use_token(args.token)
+        return preflight(load_config(TrainConfig, args.config, [*args.overrides, *extra], check_paths=False), args.address)
+    except (SubmitError, ConfigError) as e:
+        print(f"ms-ray {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("config", nargs="?", default=default)
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    add_cluster_commands(sub)
     args, extra = parser.parse_known_args(argv)  # overrides may also follow an --option
-    if any(a.startswith("-") or "=" not in a for a in extra):
+    if any(a.startswith("-") or "=" not in a for a in extra) or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("submit", "jobs", "preflight"):
+        return run_cluster_command(args, extra)
     args.overrides = [*args.overrides, *extra]
     if args.command == "serve" and args.checkpoint and "=" in args.checkpoint:  # only overrides were given
         args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None

@@ -26,9 +26,11 @@ PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE",
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
-    """Join `address` (a running cluster) or start a local Ray on 127.0.0.1. Idempotent."""
+    """Join `address` (a running cluster; inside a Ray job, RAY_ADDRESS) or start a local Ray on
+    127.0.0.1. Idempotent."""
+    address = address or os.environ.get("RAY_ADDRESS")
     for k, v in LOCAL_ENV.items():
-        if address is None or k != "DS_ACCELERATOR":
+        if address is None or k not in ("DS_ACCELERATOR", "RAY_AUTH_MODE"):  # a cluster sets its own
             os.environ.setdefault(k, v)
     import ray
 

@@ -75,3 +75,68 @@ def ray_local():
     ray = init_ray(num_cpus=3)  # 2 training workers + Ray Data reading beside them
     yield ray
     ray.shutdown()
+
+
+TEST_TOKEN = "ms-ray-test-token-0123456789"  # token auth of the test cluster (not a secret)
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real Ray head started with `ray start --head --block` on 127.0.0.1: dashboard on, token
+    auth on, its own ports and temp dir (the in-process test Ray keeps running beside it). Ends by
+    stopping that process group only (a plain `ray stop` would also stop the in-process Ray)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # like an image: python has ms_ray
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TEST_TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+    temp = Path(f"/tmp/ms_ray_head_{os.getpid()}")  # short: Ray's unix sockets live under it
+    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    ray_bin = Path(sys.executable).parent / "ray"
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=3", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "ray start --head: dashboard not up in 120 s\n" + log.read_text()[-3000:]
+        time.sleep(1)
+    yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env, "token": TEST_TOKEN}
+    os.killpg(proc.pid, signal.SIGTERM)  # --block: stops everything this head started
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)  # anything left of this head only
