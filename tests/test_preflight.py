@@ -30,3 +30,41 @@ def test_preflight_passes_on_the_cluster_and_names_what_fails(ray_head, tmp_path
     assert "FAIL  storage" in bad.stdout and f"cannot write {blocker}/runs" in bad.stdout
     assert "Mount shared storage" in bad.stdout
     assert "FAIL  gpus" in bad.stdout and "scaling.num_workers" in bad.stdout  # no GPU here: told what to change
+
+
+def test_wandb_check_offline_reachable_unreachable_and_missing_key(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import socket
+
+    from ms_ray.preflight import check_wandb
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        assert check_wandb("auto")[0] is True
+        monkeypatch.delenv("WANDB_MODE")
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        ok, why = check_wandb("auto")
+        assert not ok and "WANDB_API_KEY" in why and "offline" in why
+        monkeypatch.setenv("WANDB_API_KEY", "dummy")
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        assert check_wandb("auto") == (True, f"http://127.0.0.1:{server.server_port} reachable")
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed}")
+        ok, why = check_wandb("online")
+        assert not ok and "unreachable" in why and "WANDB_MODE=offline" in why
+    finally:
+        server.shutdown()

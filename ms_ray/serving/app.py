@@ -166,19 +166,21 @@ def build(args: dict):
 
 
 def serve_local(cfg: ServeConfig, blocking: bool = True):
-    """Run the app on an embedded Ray bound to 127.0.0.1 (or cfg.host); returns the base URL."""
+    """Run the app on an embedded Ray bound to 127.0.0.1 (or cfg.host); returns the base URL.
+    Ctrl-C stops it cleanly at any point, start-up included."""
     from ..ray_env import init_ray
 
-    init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": cfg.log_level})
-    serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"ms-ray serve: {cfg.checkpoint} at {url}  (WebSocket {url.replace('http', 'ws', 1)}/v1/sessions, "
-          f"protocol: serve/PROTOCOL.md)", flush=True)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+    print(f"ms-ray serve: starting {cfg.checkpoint} at {url}", flush=True)
+    init_ray()
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": cfg.log_level})
+        serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+        print(f"ms-ray serve: ready at {url}  (WebSocket {url.replace('http', 'ws', 1)}/v1/sessions, "
+              f"protocol: serve/PROTOCOL.md; Ctrl-C stops)", flush=True)
+        while blocking:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("ms-ray serve: stopping", flush=True)
+        serve.shutdown()
     return url
