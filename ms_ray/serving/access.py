@@ -96,24 +96,36 @@ def key_from(headers, query) -> str | None:
     return headers.get("x-api-key") or query.get("key")
 
 
-def parse_frame(raw: str | bytes | None, max_bytes: int) -> dict:
-    """A client frame (text, or UTF-8 bytes) -> a checked dict; ServeError names what is wrong."""
+def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "frame") -> dict:
+    """A JSON object sent as text or UTF-8 bytes (a WebSocket frame, an HTTP body), size-checked
+    first; ServeError names what is wrong."""
     if raw is None:
-        raise ServeError("bad_frame", "empty frame")
+        raise ServeError("bad_frame", f"empty {what}")
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise ServeError("too_large", f"frame of {size} bytes; the limit is {max_bytes}")
+        raise ServeError("too_large", f"{what} of {size} bytes; the limit is {max_bytes}")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ServeError("bad_utf8", f"frame is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+            raise ServeError("bad_utf8", f"{what} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
     try:
         frame = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ServeError("bad_json", f"frame is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ServeError("bad_json", f"{what} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(frame, dict):
-        raise ServeError("bad_frame", f"a frame is a JSON object, got {type(frame).__name__}")
+        article = "a" if what == "frame" else "the"
+        raise ServeError("bad_frame", f"{article} {what} is a JSON object, got {type(frame).__name__}")
+    return frame
+
+
+def parse_frame(raw: str | bytes | None, max_bytes: int) -> dict:
+    """A client frame (text, or UTF-8 bytes) -> a checked dict; ServeError names what is wrong."""
+    return check_frame(parse_json_object(raw, max_bytes))
+
+
+def check_frame(frame: dict) -> dict:
+    """The fields of an append or close frame."""
     kind = frame.get("type")
     if kind == "append":
         for name in ("stream", "text"):

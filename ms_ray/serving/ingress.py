@@ -18,7 +18,9 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from ..config import ServeConfig
-from .access import HTTP_STATUS, WS_CLOSE, Access, AccessPolicy, ServeError, key_from, parse_frame
+from .access import (
+    HTTP_STATUS, WS_CLOSE, Access, AccessPolicy, ServeError, check_frame, key_from, parse_frame, parse_json_object,
+)
 
 async def _awaited(response):  # module-level and above the deployments: Serve pickles them when decorated
     return await response
@@ -210,18 +212,7 @@ class Ingress:
 
     # ---- HTTP + SSE ----------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
-        body = await request.body()
-        if len(body) > self.cfg.ingress.max_frame_bytes:
-            raise ServeError("too_large", f"body of {len(body)} bytes; the limit is {self.cfg.ingress.max_frame_bytes}")
-        try:
-            frame = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ServeError("bad_utf8", f"body is not valid UTF-8 (byte {e.start}: {e.reason})") from None
-        except json.JSONDecodeError as e:
-            raise ServeError("bad_json", f"body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        if not isinstance(frame, dict):
-            raise ServeError("bad_frame", f"the body is a JSON object, got {type(frame).__name__}")
-        return frame
+        return parse_json_object(await request.body(), self.cfg.ingress.max_frame_bytes, "body")
 
     @app.post("/v1/sessions", status_code=201)
     async def http_open(self, request: Request):
@@ -236,8 +227,7 @@ class Ingress:
     async def http_append(self, session: str, request: Request):
         try:
             access = await self.access(request.headers, request.query_params)
-            frame = await self.json_body(request)
-            frame = parse_frame(json.dumps({"type": "append", **frame}), self.cfg.ingress.max_frame_bytes)
+            frame = check_frame({"type": "append", **await self.json_body(request)})
             return await self.append(access, session, frame["stream"], frame["text"])
         except ServeError as e:
             return error_body(e)

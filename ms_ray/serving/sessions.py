@@ -108,9 +108,10 @@ class SessionEngine:
         self.failure: str | None = None  # set when a step raised: the replica is unhealthy
         self.rows_total = 0
         self.step_seconds = 0.0
-        if run_tool is not None:
-            for name in (settings.tool_call_stream, settings.tool_result_stream):
-                self.schema.index(name)  # KeyError naming the stream when the schema lacks it
+        self.tool_call_index = None
+        if run_tool is not None:  # index(): a KeyError naming the stream when the schema lacks it
+            self.tool_call_index = self.schema.index(settings.tool_call_stream)
+            self.schema.index(settings.tool_result_stream)
 
     # ---- what clients call -----------------------------------------------------------------
     def describe(self) -> list[dict]:
@@ -252,8 +253,8 @@ class SessionEngine:
                 text = session.texts[name].add(token)
                 if text:
                     cells[name] = text
-        if self.run_tool is not None:
-            self._watch_tool_call(session, row.tokens[self.schema.index(self.settings.tool_call_stream)])
+        if self.tool_call_index is not None:
+            self._watch_tool_call(session, row.tokens[self.tool_call_index])
         event = {"type": "row", "row": row.row, "cells": cells}
         session.backlog.append(event)
         for sub in list(session.subscribers):
