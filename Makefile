@@ -12,9 +12,9 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo compare test bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # CPU torch first (a local wheel), then the project pinned by constraints-cpu.txt,
 # so pip never pulls a multi-GB CUDA build.
@@ -25,13 +25,31 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
 	touch $(STAMP)
 
+# Debian's chromium + chromedriver for the web page test (tests/serving/test_web.py), when missing;
+# selenium (the `test` extra) drives them. Needs root (apt-get); never downloads a browser of its own.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make: installing chromium and chromium-driver (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make: /usr/bin/chromium or chromedriver missing: run 'sudo apt-get install chromium chromium-driver' (the web page test needs them)"; \
+	  fi; \
+	fi
+
 # The main job: prepare the skill data (once), train the tiny model from scratch with Ray Train
 # + DeepSpeed ZeRO-2 on 2 CPU workers, evaluate it, print the table. A fresh run every time.
 demo: $(STAMP)
 	rm -rf runs/train/tiny
 	$(VENV)/bin/ms-ray train jobs/tiny.yaml
 
-test: $(STAMP)
+# Multi-stream vs a single-stream baseline of the same size, same examples and budget: both
+# trained, scored on held-out tasks, report + plots in runs/compare/tiny (~25 min on 2 cores).
+compare: $(STAMP)
+	rm -rf runs/compare/tiny
+	$(VENV)/bin/ms-ray compare jobs/compare-tiny.yaml
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

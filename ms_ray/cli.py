@@ -9,7 +9,8 @@ import sys
 from .core.streams import SchemaError
 from .data.pipeline import PrepareError
 
-from .config import ConfigError, DemoConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config, load_serve_file
+from .config import (CompareConfig, ConfigError, DemoConfig, EvalJobConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig,
+                     load_config, load_serve_file)
 
 
 def demo(cfg: DemoConfig) -> list:
@@ -87,6 +88,18 @@ def serve(cfg, blocking: bool = True):
     return serve_local(cfg, blocking)
 
 
+def eval_command(cfg: EvalJobConfig):
+    from .evaluation.run import eval_checkpoint
+
+    return eval_checkpoint(cfg)
+
+
+def compare(cfg: CompareConfig):
+    from .evaluation.run import compare as run_compare
+
+    return run_compare(cfg)
+
+
 COMMANDS = {  # name: (function, config class, default config, help)
     "demo": (demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model"),
     "prepare": (prepare, PrepareConfig, "jobs/data-skills.yaml", "build packed stream-table shards on Ray Data"),
@@ -94,7 +107,10 @@ COMMANDS = {  # name: (function, config class, default config, help)
     "train": (train, TrainConfig, "jobs/tiny.yaml", "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume"),
     "export": (export, TrainConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder"),
     "serve": (serve, None, "serve/local.yaml", "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)"),
+    "eval": (eval_command, EvalJobConfig, "jobs/eval.yaml", "score a skills checkpoint: exact match, latency, behaviours"),
+    "compare": (compare, CompareConfig, "jobs/compare-tiny.yaml", "multi-stream vs single-stream baseline, same budget"),
 }
+WITH_CHECKPOINT = ("serve", "eval")  # CHECKPOINT is positional, the config file is --config
 
 
 DASHBOARD = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
@@ -154,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
             p.add_argument("--out", help="output folder (default: {storage}/{name}/export)")
-        if name == "serve":
+        if name in WITH_CHECKPOINT:
             p.add_argument("checkpoint", nargs="?", help="a MultiStreamLM folder (default: the config's)")
-            p.add_argument("--config", default=default, help="a Serve config file (serve/*.yaml)")
+            p.add_argument("--config", default=default, help=f"a config file (default {default})")
         else:
             p.add_argument("config", nargs="?", default=default)
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -167,15 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("submit", "jobs", "preflight"):
         return run_cluster_command(args, extra)
     args.overrides = [*args.overrides, *extra]
-    if args.command == "serve" and args.checkpoint and "=" in args.checkpoint:  # only overrides were given
-        args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
-    run, config_class, _, _ = COMMANDS[args.command]
+    run, config_class, default, _ = COMMANDS[args.command]
+    first = "checkpoint" if args.command in WITH_CHECKPOINT else "config"
+    if getattr(args, first) and "=" in getattr(args, first):  # only overrides were given
+        args.overrides = [getattr(args, first), *args.overrides]
+        setattr(args, first, None if first == "checkpoint" else default)
     extra = {k: v for k, v in vars(args).items() if k in ("address", "checkpoint", "out")}
     try:
-        if args.command == "serve":
+        if args.command in WITH_CHECKPOINT:
             checkpoint = extra.pop("checkpoint", None)
-            overrides = [f"checkpoint={checkpoint}"] if checkpoint else []
-            cfg = load_serve_file(args.config, [*overrides, *args.overrides])[0]
+            overrides = [f"checkpoint={checkpoint}", *args.overrides] if checkpoint else args.overrides
+            if args.command == "serve":
+                cfg = load_serve_file(args.config, overrides)[0]
+            else:
+                cfg = load_config(config_class, args.config, overrides)
         else:
             cfg = load_config(config_class, args.config, args.overrides)
         run(cfg, **extra)

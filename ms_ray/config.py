@@ -135,6 +135,9 @@ class SourceConfig(Strict):
     limit: int | None = Field(None, gt=0)  # chitchat/jsonl: at most this many conversations
     examples: int = Field(1000, gt=0)  # skills: how many examples
     tasks: list[str] | None = None  # skills: which tasks (default: all)
+    # skills: "streams" = stream tables; "sequential" = the same examples as one labelled
+    # sequence (`user: ... output: ... <|end|>`) for a one-stream baseline schema
+    rendering: Literal["streams", "sequential"] = "streams"
     shards: int = Field(1, gt=0)  # parallel read-convert-pack tasks, each writes one file per split
     max_chars: int = Field(20000, gt=0)  # longer texts are dropped and reported
 
@@ -150,6 +153,8 @@ class SourceConfig(Strict):
     def _complete(self):
         if self.kind == "jsonl" and not self.path:
             raise ValueError("a jsonl source needs a path")
+        if self.rendering == "sequential" and self.kind != "skills":
+            raise ValueError("rendering: sequential is for skills sources")
         if self.policy == "teacher" and self.teacher is None:
             raise ValueError("policy teacher needs a teacher: {base_url: ...} section")
         return self
@@ -298,6 +303,59 @@ class TrainConfig(Strict):
             raise ValueError(f"data.prepare: config {self.data.prepare} does not exist")
         if check_paths(info) and self.model.pretrained and not Path(self.model.pretrained).exists():
             raise ValueError(f"model.pretrained: {self.model.pretrained} does not exist")
+        return self
+
+
+# ---- evaluation (`ms-ray eval`, `ms-ray compare`) ----------------------------------------
+class SkillEvalConfig(Strict):
+    """Held-out skill examples, decoded as live sessions (ms_ray/evaluation/harness.py)."""
+
+    examples_per_task: int = Field(100, gt=0)
+    tasks: list[str] | None = None  # default: all
+    seed: int = 987_654  # generation seed, distinct from the training data's
+    batch_sessions: int = Field(1, gt=0)  # 1: each session decoded alone, so ms are one session's latency
+    slack_rows: int = Field(8, ge=0)  # rows allowed beyond the reference length
+
+
+class EvalJobConfig(Strict):
+    """`ms-ray eval CHECKPOINT`: score a streams or single-stream skills model."""
+
+    checkpoint: str
+    eval: SkillEvalConfig = SkillEvalConfig()
+    output: str | None = None  # default: {checkpoint}/../eval
+    name: str = "eval"
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _checkpoint_exists(self, info: ValidationInfo):
+        if check_paths(info) and not Path(self.checkpoint).is_dir():
+            raise ValueError(f"checkpoint: {self.checkpoint} is not a folder (train and export a model first)")
+        return self
+
+
+class CompareArm(Strict):
+    train: str  # a train config file (jobs/*.yaml)
+    overrides: list[str] = []  # dotted overrides applied to it
+
+
+class CompareConfig(Strict):
+    """`ms-ray compare`: a multi-stream model and its single-stream baseline, trained on the same
+    examples with the same budget, then scored by the same harness."""
+
+    streams: CompareArm
+    sequential: CompareArm
+    overrides: list[str] = []  # applied to both arms after their own (a budget change stays equal)
+    eval: SkillEvalConfig = SkillEvalConfig()
+    output: str = "runs/compare/tiny"  # training runs, evaluations, report.md, plots
+    name: str = "compare"
+    wandb: WandbConfig = WandbConfig()
+    address: str | None = None  # a running Ray cluster; default: start a local one
+
+    @model_validator(mode="after")
+    def _train_configs_exist(self, info: ValidationInfo):
+        for arm in ("streams", "sequential"):
+            if check_paths(info) and not Path(getattr(self, arm).train).exists():
+                raise ValueError(f"{arm}.train: config {getattr(self, arm).train} does not exist")
         return self
 
 

@@ -87,10 +87,12 @@ def client(address: str, token: str | None = None):
 def command_for(config: str, overrides: list[str]) -> str:
     """The ms-ray command a config file belongs to (validated here, without input paths that
     only exist on the cluster)."""
-    from .config import ConfigError, PrepareConfig, TokenizerTrainConfig, TrainConfig, load_config
+    from .config import (CompareConfig, ConfigError, EvalJobConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig,
+                         load_config)
 
     errors = []
-    for name, cls in (("train", TrainConfig), ("prepare", PrepareConfig), ("tokenizer train", TokenizerTrainConfig)):
+    for name, cls in (("train", TrainConfig), ("prepare", PrepareConfig), ("tokenizer train", TokenizerTrainConfig),
+                      ("compare", CompareConfig), ("eval --config", EvalJobConfig)):
         try:
             load_config(cls, config, overrides, check_paths=False)
             # python -m runs the uploaded ms_ray (the job's working directory), not an older install
@@ -100,7 +102,7 @@ def command_for(config: str, overrides: list[str]) -> str:
     if any("does not exist" in e for e in errors):
         raise SubmitError(errors[0])
     shortest = min(errors, key=len)
-    raise SubmitError(f"{config} is not a train, prepare or tokenizer config; as the closest fit:\n{shortest}")
+    raise SubmitError(f"{config} is not a train, prepare, tokenizer, compare or eval config; as the closest fit:\n{shortest}")
 
 
 def submit(config: str, overrides: list[str], address: str, follow: bool = False, token: str | None = None,

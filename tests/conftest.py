@@ -60,6 +60,12 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def encode(tok):
+    """Text -> token ids with `tok` (how the data pipeline encodes)."""
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
 def sch(tok):
     """The skill tasks' stream schema, bound to `tok`."""
     from ms_ray.data.skills import SKILL_STREAMS

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from ms_ray.config import (
-    DemoConfig, PrepareConfig, ServeConfig, TokenizerTrainConfig, TrainConfig, load_config, load_serve_file,
+    CompareConfig, DemoConfig, EvalJobConfig, PrepareConfig, ServeConfig, TokenizerTrainConfig, TrainConfig, load_config,
+    load_serve_file,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TYPED = {
     "jobs/demo.yaml": DemoConfig,
     "jobs/data-skills.yaml": PrepareConfig,
+    "jobs/data-skills-sequential.yaml": PrepareConfig,
     "jobs/data-chat.yaml": PrepareConfig,
     "jobs/tokenizer.yaml": TokenizerTrainConfig,
     "jobs/tiny.yaml": TrainConfig,
     "jobs/qwen3-0.6b-zero2.yaml": TrainConfig,
     "jobs/qwen3-8b-zero3-offload.yaml": TrainConfig,
+    "jobs/eval.yaml": EvalJobConfig,
+    "jobs/compare-tiny.yaml": CompareConfig,
     "serve/local.yaml": ServeConfig,  # Serve config files: ServeConfig is applications[0].args
     "serve/cluster.yaml": ServeConfig,
 }
@@ -57,6 +61,13 @@ def test_shipped_yaml_is_valid(path):
         inputs = [s.path for s in cfg.sources if s.path] + ([cfg.tokenizer] if cfg.tokenizer != "skills" else [])
         for p in inputs:
             assert (ROOT / p).exists() or p in shipped_outputs(), f"{path}: input {p} neither ships nor is made by a shipped job"
+    if isinstance(cfg, EvalJobConfig):
+        assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
+    if isinstance(cfg, CompareConfig):  # both arms load, with the same budget and data a shipped job makes
+        from ms_ray.evaluation.run import arm_configs
+
+        for arm in arm_configs(cfg).values():
+            assert arm.data.prepare and (ROOT / arm.data.prepare).exists()
     for doc in yaml.safe_load_all((ROOT / path).read_text()):
         assert isinstance(doc, dict)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ms_ray.submit import EXCLUDES, SubmitError, check_package, package_files
+from ms_ray.submit import EXCLUDES, SubmitError, check_package, command_for, package_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,16 @@ def test_package_excludes_and_size(tmp_path):
     with pytest.raises(SubmitError, match=r"3\.0 MiB  big\.dat") as e:
         check_package(tmp_path, 2**20)
     assert "over Ray's limit of 1 MiB" in str(e.value)
+
+
+def test_each_config_kind_becomes_its_own_command():
+    assert command_for("jobs/tiny.yaml", ["optim.max_steps=5"]) == "python -m ms_ray.cli train jobs/tiny.yaml optim.max_steps=5"
+    assert command_for("jobs/compare-tiny.yaml", []) == "python -m ms_ray.cli compare jobs/compare-tiny.yaml"
+    # eval's positional argument is the checkpoint: the config goes by --config
+    assert command_for("jobs/eval.yaml", ["checkpoint=/mnt/shared/x"]) == \
+        "python -m ms_ray.cli eval --config jobs/eval.yaml checkpoint=/mnt/shared/x"
+    with pytest.raises(SubmitError, match="not a train, prepare, tokenizer, compare or eval config"):
+        command_for("serve/local.yaml", [])
 
 
 @pytest.mark.slow

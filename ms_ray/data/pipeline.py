@@ -72,11 +72,17 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
     src = cfg.sources[src_index]
     encode = encoder(tokenizer)
     if src.kind == "skills":
-        from .skills import TASKS, generate_examples
+        from .skills import SKILL_STREAMS, TASKS, generate_examples, to_sequential
 
         n = src.examples // src.shards + (shard < src.examples % src.shards)
         seed = cfg.seed * 1_000_003 + src_index * 1009 + shard
-        yield from generate_examples(n, seed, schema, encode, tuple(src.tasks or TASKS))
+        tasks = tuple(src.tasks or TASKS)
+        if src.rendering == "streams":
+            yield from generate_examples(n, seed, schema, encode, tasks)
+        else:  # the same draws, laid out as tables first, then rendered as one sequence
+            table_schema, table_tok = schema_and_tokenizer(json.dumps(SKILL_STREAMS.to_dict()), cfg.tokenizer)
+            for example in generate_examples(n, seed, table_schema, encoder(table_tok), tasks):
+                yield to_sequential(example, schema, encode)
         return
     if src.kind == "chitchat":
         from .formats import read_chitchat

@@ -32,6 +32,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
+import numpy as np
+
 from ..core.streams import StreamSchema, StreamSpec
 from .tables import Example, Timeline, stream_tokens
 from .tokenizer import word_tokenizer
@@ -44,6 +46,9 @@ SKILL_STREAMS = StreamSchema((
     StreamSpec("tool_call", "output"),
 ))
 TASKS = ("wait_k", "running_sum", "count_stop", "tool_call")
+# The single-stream baseline's schema: one trained stream holding `sequential_text`. With one
+# stream the multi-stream rule is plain causal attention with positions 0, 1, 2, ...
+SEQUENTIAL_STREAMS = StreamSchema((StreamSpec("text", "output", end_token="<|end|>"),))
 
 REACTION = 2  # an input at row t can first change an output at row t + 2
 TOOL_DELAY = 3  # the tool answers 3 rows after the last token of the call
@@ -234,3 +239,14 @@ def sequential_text(example_or_parts) -> str:
         raise TypeError(f"sequential_text needs an Example or a mapping stream -> text, got {type(parts).__name__}")
     order = [s for s in SEQUENTIAL_ORDER if s in parts] + [s for s in parts if s not in SEQUENTIAL_ORDER]
     return " ".join(f"{s}: {parts[s]}" for s in order if parts[s])
+
+
+def to_sequential(example: Example, schema: StreamSchema, encode) -> Example:
+    """The same example for a single-stream model: one column holding `sequential_text`
+    (one token per row), same id, source and group, so it lands in the same split."""
+    if schema.num_streams != 1:
+        raise ValueError(f"the sequential rendering needs a one-stream schema, got streams {schema.names}")
+    ids = list(encode(sequential_text(example)))
+    rows = np.asarray(ids, dtype=np.int32)[:, None]
+    meta = {k: example.meta[k] for k in ("task", "parts")}
+    return Example(example.id, example.source, example.group, "sequential", rows, meta)

@@ -1,4 +1,5 @@
-"""FastAPI ingress: WebSocket, HTTP + Server-Sent Events, one-shot generation, health.
+"""FastAPI ingress: WebSocket, HTTP + Server-Sent Events, one-shot generation, health, and the
+web page (web/, at the app's route prefix).
 
 Every route resolves the caller's role once (access.py), talks to the session server through a
 pinned handle call with a timeout (nothing waits forever), and turns every failure into the
@@ -9,10 +10,12 @@ on Serve's class-based routes.
 """
 
 import asyncio
+import html
 import json
+from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -27,6 +30,13 @@ async def _awaited(response):  # module-level and above the deployments: Serve p
 
 
 app = FastAPI(title="ms_ray", description="Multi-stream sessions: see serve/PROTOCOL.md")
+
+WEB = Path(__file__).parent / "web"  # the page: package data, plain HTML/JS/CSS
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+WEB_HEADERS = {  # the page loads only its own files and talks only to this server
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'self'",
+    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
+}
 
 
 def as_serve_error(e: BaseException) -> ServeError:
@@ -119,6 +129,21 @@ class Ingress:
         except ServeError as e:
             return JSONResponse({"ready": False, "reason": e.message}, status_code=503)
         return {"ready": True, **info}
+
+    # ---- the web page --------------------------------------------------------------------
+    @app.get("/")
+    async def page(self, request: Request):
+        """The session page. Its links are relative to a <base href> at the app's route prefix
+        (Serve's proxy puts that prefix in root_path), so it works under any prefix."""
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        text = (WEB / "index.html").read_text(encoding="utf-8").replace("<head>", f'<head>\n<base href="{base}">', 1)
+        return HTMLResponse(text, headers=WEB_HEADERS)
+
+    @app.get("/static/{name}")
+    async def static(self, name: str):
+        if name not in STATIC:
+            return JSONResponse({"type": "error", "code": "not_found", "message": f"no file {name!r}"}, status_code=404)
+        return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=WEB_HEADERS)
 
     # ---- WebSocket -----------------------------------------------------------------------
     @app.websocket("/v1/sessions")

@@ -1,11 +1,12 @@
 """Skill evaluation: greedy multi-stream decoding of held-out skill examples, scored on timing.
 
-Every example is one session of a single RowDecoder: open sessions advance together, one
-batched forward pass per row, at most `batch_sessions` at once (a finished session's place goes
-to the next waiting example). Sessions start empty (no prefill); before the step that builds
-row r, the example's input cells of row r (meta["inputs"]) are pushed, so each is consumed at
-exactly row r and input streams are silent elsewhere. Output streams are sampled greedily. A
-session ends on the answer stream's end token, or after len(table) + slack_rows rows.
+Every example is one session of a single RowDecoder (evaluation.harness.run_episodes): open
+sessions advance together, one batched forward pass per row, at most `batch_sessions` at once.
+Sessions start empty (no prefill); before the step that builds row r, the example's input
+cells of row r (meta["inputs"]) are pushed, so each is consumed at exactly row r and input
+streams are silent elsewhere (the tool's answers too: scripted, unlike `ms-ray eval`). Output
+streams are sampled greedily. A session ends on the answer stream's end token, or after
+len(table) + slack_rows rows.
 With force_outputs=True the reference output columns are pushed too (teacher forcing, silence
 included), which reproduces the reference table: a check of the machinery, not of the model.
 
@@ -26,50 +27,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 
 import numpy as np
-import torch
 
-from ..core.decode import RowDecoder, Sampling, StopRules
 from ..core.model import MultiStreamLM
 from ..data.tables import Example
+from ..evaluation.harness import Episode, Pushes, run_episodes
 
 METRICS = ("n", "accuracy", "ttft_rows", "no_output", "latency_rows")
 
 
-def _plan(example: Example, schema, force_outputs: bool) -> dict[int, list[tuple[str, int]]]:
-    """Row -> the (stream, token) pushes to make just before the step that builds that row."""
-    plan: dict[int, list[tuple[str, int]]] = {}
+def _plan(example: Example, schema, force_outputs: bool) -> Pushes:
+    """Row -> the (stream, tokens) pushes to make just before the step that builds that row."""
+    plan: Pushes = {}
     for stream, cells in example.meta["inputs"].items():
         for row, tok in cells:
-            plan.setdefault(int(row), []).append((stream, int(tok)))
+            plan.setdefault(int(row), []).append((stream, [int(tok)]))
     if force_outputs:
         for s, spec in enumerate(schema.streams):
             if spec.role == "output":
                 for row, tok in enumerate(example.rows[:, s]):
-                    plan.setdefault(row, []).append((spec.name, int(tok)))
+                    plan.setdefault(row, []).append((spec.name, [int(tok)]))
     return plan
-
-
-def _decode(model, examples, plans, slack_rows: int, batch_sessions: int) -> list[list[list[int]]]:
-    """Greedy-decode every example; returns its generated rows (C tokens each)."""
-    decoder = RowDecoder(model, max_sessions=batch_sessions)
-    generated: list[list[list[int]]] = [[] for _ in examples]
-    waiting = deque(range(len(examples)))
-    while waiting or decoder.sessions:
-        while waiting and len(decoder.sessions) < batch_sessions:
-            i = waiting.popleft()
-            stop = StopRules(max_new_rows=examples[i].num_rows + slack_rows,
-                             end_streams=(examples[i].meta["answer_stream"],))
-            decoder.open(str(i), sampling=Sampling(), stop=stop)
-        for sid in decoder.sessions:
-            i = int(sid)
-            for stream, tok in plans[i].get(len(generated[i]), ()):
-                decoder.push(sid, stream, [tok])
-        for row in decoder.step():
-            generated[int(row.session)].append(row.tokens)
-    return generated
 
 
 def _score(example: Example, rows: np.ndarray, schema) -> dict:
@@ -114,18 +93,17 @@ def evaluate_skills(
     task, rows (the generated table [R, C], every stream), exact, ttft_rows, latency_rows."""
     if not examples:
         raise ValueError("evaluate_skills needs at least one example")
-    if batch_sessions < 1:
-        raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
     schema = model.schema
-    plans = [_plan(ex, schema, force_outputs) for ex in examples]
+    episodes = [Episode(str(i), ex.num_rows + slack_rows, ex.meta["answer_stream"], ex.meta["input_end_row"],
+                        _plan(ex, schema, force_outputs)) for i, ex in enumerate(examples)]
     was_training = model.training
     start = time.perf_counter()
     try:
-        with torch.no_grad():
-            generated = _decode(model, examples, plans, slack_rows, batch_sessions)
+        run_episodes(model, episodes, batch_sessions)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
+    generated = [ep.rows for ep in episodes]
 
     C = schema.num_streams
     records = [_score(ex, np.asarray(rows, dtype=np.int64).reshape(-1, C), schema)

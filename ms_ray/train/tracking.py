@@ -24,9 +24,7 @@ class Tracker:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        mode = cfg.wandb.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        mode = wandb_mode(cfg.wandb)
         if mode == "disabled":
             return
         import wandb
@@ -56,6 +54,31 @@ class Tracker:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_mode(settings) -> str:
+    """auto: online iff WANDB_API_KEY is set, else offline (never the network)."""
+    if settings.mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return settings.mode
+
+
+def log_report(settings, name: str, run_dir: Path, config: dict, metrics: dict,
+               tables: dict[str, tuple[list[str], list[list]]], images: list[Path]) -> str | None:
+    """One W&B run for an evaluation or a comparison: metrics (also as the run summary),
+    tables {name: (columns, rows)} and plots. Returns the run's folder, or None when disabled."""
+    mode = wandb_mode(settings)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(project=settings.project, entity=settings.entity, name=name, mode=mode, dir=str(run_dir),
+                     config=config, settings=wandb.Settings(silent=True, console="off"))
+    run.log({**metrics, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in images},
+             **{f"tables/{k}": wandb.Table(columns=cols, data=rows) for k, (cols, rows) in tables.items()}})
+    run.summary.update(metrics)
+    run.finish()
+    return str(Path(run.dir).parent)
 
 
 def step_line(step: int, m: dict, elapsed: float) -> str:

@@ -13,11 +13,6 @@ N = 200  # 50 examples per task: enough to see both count_stop variants, cheap t
 
 
 @pytest.fixture(scope="module")
-def encode(tok):
-    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
-
-
-@pytest.fixture(scope="module")
 def examples(sch, encode):
     return generate_examples(N, 7, sch, encode)
 

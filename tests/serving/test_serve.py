@@ -120,6 +120,23 @@ def test_health_and_readiness(served):
     assert [s["name"] for s in ready["streams"]] == ["user", "think", "output", "tool", "tool_call"]
 
 
+def test_the_web_page_is_served_under_the_route_prefix(served):
+    """The page (browser tests: test_web.py) links its files and the API relative to a <base href>
+    at the app's route prefix, and loads nothing from elsewhere."""
+    for path in ("/main/", "/main"):  # /main redirects to /main/
+        page = httpx.get(f"{served['http']}{path}", follow_redirects=True)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert str(page.url) == f"{served['http']}/main/"
+        assert '<base href="/main/">' in page.text and 'src="static/app.js"' in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+    js = httpx.get(f"{served['http']}/main/static/app.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert '"v1/sessions"' in js.text
+    assert httpx.get(f"{served['http']}/main/static/style.css").headers["content-type"].startswith("text/css")
+    assert httpx.get(f"{served['http']}/main/static/..%2Fingress.py").status_code == 404  # only the page's own files
+    assert httpx.get(f"{served['http']}/main/static/nope.js").json()["code"] == "not_found"
+
+
 # ---- duplex ------------------------------------------------------------------------------
 def test_duplex_session_output_while_input_streams(served):
     words = NUMBERS[10:30]

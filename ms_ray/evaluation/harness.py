@@ -1,0 +1,247 @@
+"""Decode held-out skill examples as live sessions, score them and time them.
+
+Two layouts of the same examples, one harness:
+  streams     the multi-stream model: user cells are injected at their rows (one token per
+              row, as a user types), the output streams are generated, all in parallel;
+  sequential  the single-stream baseline: the same content as one labelled sequence
+              (`user: what is 6 times 7 tool_call: mul 6 7 tool: 42 output: let me check 42
+              <|end|>`); the user part is injected one token per row (it reads as the user
+              types, like the other), everything after it is generated.
+Both run on the same RowDecoder (a one-stream model is a plain causal LM: one token per row),
+greedily. Both use the REAL tool (serving.tools.run_call) on the call THEY wrote: the streams
+model gets the answer on its tool stream TOOL_DELAY rows after the call's last token, as in
+training; the baseline gets it right after it writes `tool:` (two rows after its call's last
+token: one row sooner than the streams model, in the baseline's favour).
+
+Timing is counted from the user's last input token (row `user_end`), in rows and in ms
+(wall time between the decoder steps that built those rows: with batch_sessions=1 this is one
+session's latency on this machine). Negative = before the user finished.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core.decode import RowDecoder, StopRules
+from ..data.skills import SKILL_STREAMS, TOOL_DELAY, sequential_text
+from ..data.tables import Example
+from ..serving.tools import run_call
+
+Pushes = dict[int, list[tuple[str, list[int]]]]  # row -> (stream, tokens) to push before building it
+
+
+@dataclass
+class Episode:
+    """One example being decoded."""
+
+    key: str
+    max_rows: int
+    end_stream: str
+    user_end: int  # row of the user's last input token
+    pushes: Pushes
+    on_row: Callable[["Episode", int, list[int]], None] | None = None  # may schedule pushes
+    rows: list[list[int]] = field(default_factory=list)  # [R][C] tokens as decoded
+    times: list[float] = field(default_factory=list)  # perf_counter after the step of each row
+    tool: list[dict] = field(default_factory=list)  # calls made: call/result text, rows
+
+
+def run_episodes(model, episodes: list[Episode], batch_sessions: int) -> None:
+    """Greedy-decode every episode (at most `batch_sessions` at once, one batched forward per
+    row); fills each episode's rows and times in place."""
+    if batch_sessions < 1:
+        raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
+    decoder = RowDecoder(model, max_sessions=batch_sessions)
+    waiting, open_ = deque(episodes), {}
+    with torch.no_grad():
+        while waiting or decoder.sessions:
+            while waiting and len(decoder.sessions) < batch_sessions:
+                ep = waiting.popleft()
+                decoder.open(ep.key, stop=StopRules(max_new_rows=ep.max_rows, end_streams=(ep.end_stream,)))
+                open_[ep.key] = ep
+            for key in decoder.sessions:
+                ep = open_[key]
+                for stream, tokens in ep.pushes.pop(len(ep.rows), ()):
+                    decoder.push(key, stream, tokens)
+            built = decoder.step()
+            now = time.perf_counter()
+            for row in built:
+                ep = open_[row.session]
+                ep.rows.append(row.tokens)
+                ep.times.append(now)
+                if ep.on_row is not None:
+                    ep.on_row(ep, len(ep.rows) - 1, row.tokens)
+
+
+# ---- the two layouts ----------------------------------------------------------------------
+def layout_of(schema) -> str:
+    if schema.names == SKILL_STREAMS.names:
+        return "streams"
+    if schema.num_streams == 1:
+        return "sequential"
+    raise ValueError(f"not a skills model: streams {schema.names}; the skill evaluation needs the streams "
+                     f"{SKILL_STREAMS.names} or a single-stream baseline")
+
+
+class Layout:
+    """What differs between the two layouts: building an episode and reading its answer."""
+
+    def __init__(self, schema, tokenizer):
+        self.schema, self.tokenizer = schema, tokenizer
+        self.kind = layout_of(schema)
+        self.silence = schema.silence_id
+        self.end_id = schema.end_ids()["output" if self.kind == "streams" else "text"]
+        if self.kind == "sequential":
+            self.label = {s: self._one_token(f"{s}:") for s in ("tool_call", "tool", "output")}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _one_token(self, word: str) -> int:
+        ids = self.encode(word)
+        if len(ids) != 1:
+            raise ValueError(f"the sequential layout needs {word!r} to be one token of the tokenizer, got {ids}")
+        return ids[0]
+
+    def text(self, ids) -> str:
+        return self.tokenizer.decode([int(t) for t in ids if t != self.silence], skip_special_tokens=False).strip()
+
+    # ---- episodes ----------------------------------------------------------------------
+    def episode(self, key: str, example: Example, slack_rows: int) -> Episode:
+        if self.kind == "streams":
+            user = example.meta["inputs"]["user"]
+            pushes: Pushes = {}
+            for stream, cells in example.meta["inputs"].items():
+                if stream != "tool":  # the tool answers what the model calls, live
+                    for row, tok in cells:
+                        pushes.setdefault(int(row), []).append((stream, [int(tok)]))
+            user_end = max(int(r) for r, _ in user)
+            return Episode(key, example.num_rows + slack_rows, "output", user_end, pushes, self._stream_tool)
+        prompt = self.encode(sequential_text({"user": example.meta["parts"]["user"]}))
+        full = self.encode(sequential_text(example))
+        return Episode(key, len(full) + slack_rows, "text", len(prompt) - 1, {0: [("text", prompt)]}, self._sequence_tool)
+
+    def _stream_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
+        """A call is the tool_call stream's text up to its first silent cell after it."""
+        tok = tokens[self.schema.index("tool_call")]
+        pending = ep.tool[-1] if ep.tool and "result" not in ep.tool[-1] else None
+        if tok != self.silence:
+            if pending is None:
+                ep.tool.append(pending := {"first_row": row, "ids": []})
+            pending["ids"].append(tok)
+            pending["last_row"] = row
+        elif pending is not None:
+            self._answer(ep, pending, "tool", pending["last_row"] + TOOL_DELAY)
+
+    def _sequence_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
+        """A call is the text between the model's `tool_call:` and its `tool:`."""
+        if tokens[0] != self.label["tool"] or row <= ep.user_end:
+            return
+        col = [r[0] for r in ep.rows]
+        starts = [i for i, t in enumerate(col[:row]) if t == self.label["tool_call"]]
+        first = starts[-1] + 1 if starts else row
+        call = {"first_row": first, "last_row": row - 1, "ids": col[first:row]}
+        ep.tool.append(call)
+        self._answer(ep, call, "text", row + 1)
+
+    def _answer(self, ep: Episode, call: dict, stream: str, at_row: int) -> None:
+        call["call"] = self.text(call.pop("ids"))
+        call["result"] = run_call(call["call"])
+        call["result_row"] = at_row
+        ep.pushes.setdefault(at_row, []).append((stream, self.encode(call["result"])))
+
+    # ---- reading the answer ------------------------------------------------------------
+    def answer(self, ep: Episode, example: Example) -> tuple[list[int], list[int], list[int]]:
+        """(answer tokens, the row of each, reference answer tokens): the output stream's
+        non-silent cells / what follows the model's first `output:` label; end token included."""
+        rows = np.asarray(ep.rows, dtype=np.int64).reshape(len(ep.rows), -1)
+        if self.kind == "streams":
+            col = rows[:, self.schema.index("output")]
+            at = [int(i) for i in np.flatnonzero(col != self.silence)]
+            return [int(col[i]) for i in at], at, [int(t) for t in example.meta["answer"]]
+        col = [int(t) for t in rows[:, 0]]
+        ref = self.encode(sequential_text(example))
+        reference = ref[ref.index(self.label["output"]) + 1:]
+        labels = [i for i in range(ep.user_end + 1, len(col)) if col[i] == self.label["output"]]
+        at = list(range(labels[0] + 1, len(col))) if labels else []
+        return [col[i] for i in at], at, reference
+
+
+def score(layout: Layout, ep: Episode, example: Example) -> dict:
+    """One record: exactness, timings (rows, ms) and the behaviours only streams can show."""
+    meta, user_end = example.meta, ep.user_end
+    got, at, reference = layout.answer(ep, example)
+    exact = got == reference
+    first = at[0] if at else None
+    end_row = at[got.index(layout.end_id)] if layout.end_id in got else None
+
+    def ms(row):
+        if row is None or user_end >= len(ep.times):  # ended before the user finished: rows only
+            return None
+        return 1000 * (ep.times[row] - ep.times[user_end])
+
+    rec = {
+        "id": example.id, "task": meta["task"], "layout": layout.kind, "exact": exact,
+        "answer": layout.text(got), "reference": layout.text(reference),
+        "ttft_rows": None if first is None else first - user_end, "ttft_ms": ms(first),
+        "latency_rows": end_row - user_end if exact else None, "latency_ms": ms(end_row) if exact else None,
+        "rows": len(ep.rows), "tool": ep.tool,
+    }
+    if meta["task"] == "count_stop" and "stop" in meta["parts"]["user"].split():
+        # `stop` is the user's last word: rows from it to the end of the answer, and whether
+        # the count stopped exactly where it had to
+        rec["reaction_exact"] = exact
+        rec["reaction_rows"] = None if end_row is None else end_row - user_end
+    if meta["task"] == "tool_call":
+        calls = [c for c in ep.tool if "result" in c]  # finished calls
+        call = calls[0] if calls else None
+        words = rec["answer"].split()
+        rec["tool_used"] = bool(call) and len(words) >= 2 and words[-2] == call["result"]
+        # an answer token written while the tool worked (from the call's first token until the
+        # result arrives): talking while acting
+        rec["talk_while_tool"] = call is not None and any(call["first_row"] <= r <= call["result_row"] for r in at)
+    return rec
+
+
+def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1, slack_rows: int = 8) -> list[dict]:
+    """Decode and score `examples` with a streams or a sequential skills model; one record each."""
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    layout = Layout(model.schema, tokenizer)
+    episodes = [layout.episode(str(i), ex, slack_rows) for i, ex in enumerate(examples)]
+    was_training = model.training
+    try:
+        run_episodes(model, episodes, batch_sessions)
+    finally:
+        model.train(was_training)
+    return [score(layout, ep, ex) for ep, ex in zip(episodes, examples)]
+
+
+# ---- summaries ----------------------------------------------------------------------------
+SUMMARY = ("n", "accuracy", "no_output", "ttft_rows", "ttft_ms", "latency_rows", "latency_ms",
+           "reaction_exact", "reaction_rows", "tool_used", "talk_while_tool")
+
+
+def mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarize(records: list[dict]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} plus "all"; a behaviour's mean is over the records that have it."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    out = {}
+    for task in [*tasks, "all"]:
+        group = [r for r in records if task in ("all", r["task"])]
+        m = {"n": len(group), "accuracy": mean(r["exact"] for r in group),
+             "no_output": mean(r["ttft_rows"] is None for r in group)}
+        for key in SUMMARY[3:]:
+            m[key] = mean(r.get(key) for r in group)
+        out[task] = m
+    return out

@@ -1,0 +1,121 @@
+"""What `ms-ray eval` and `ms-ray compare` write: a Markdown table, PNG plots, JSON records.
+
+Every function takes `summaries`: {model label: harness.summarize(...)}; with two labels each
+cell reads "first / second", so one table serves one model or a comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# (metric, column title, format, scale)
+COLUMNS = (
+    ("accuracy", "exact match %", ".1f", 100),
+    ("ttft_rows", "first answer token, rows", "+.1f", 1),
+    ("ttft_ms", "first answer token, ms", "+.1f", 1),
+    ("latency_rows", "end of answer, rows", "+.1f", 1),
+    ("latency_ms", "end of answer, ms", "+.1f", 1),
+    ("no_output", "no answer %", ".0f", 100),
+)
+BEHAVIOURS = (  # (task, metric, what it shows, format, scale)
+    ("count_stop", "reaction_exact", "count stopped exactly 2 rows after a mid-answer `stop`, %", ".1f", 100),
+    ("count_stop", "reaction_rows", "rows from the user's `stop` to the end of the answer", ".1f", 1),
+    ("tool_call", "tool_used", "answer repeats the result of the model's own tool call, %", ".1f", 100),
+    ("tool_call", "talk_while_tool", "answer words written while the tool was working, % of examples", ".1f", 100),
+)
+
+
+def _num(value, fmt: str, scale: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value * scale, fmt)
+
+
+def format_tables(summaries: dict[str, dict]) -> str:
+    """Markdown: one line per task ("all" last), then the behaviours table."""
+    labels = list(summaries)
+    first = summaries[labels[0]]
+    tasks = [t for t in first if t != "all"] + ["all"]
+    legend = " / ".join(labels)
+    lines = [f"| task | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+    for task in tasks:
+        cells = [" / ".join(_num(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels)
+                 for key, _, fmt, scale in COLUMNS]
+        lines.append(f"| {task} | {first[task]['n']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", f"| behaviour | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
+    for task, key, what, fmt, scale in BEHAVIOURS:
+        if task in first:
+            lines.append(f"| {what} | " + " | ".join(_num(summaries[lb][task].get(key), fmt, scale) for lb in labels) + " |")
+    if len(labels) > 1:
+        lines.insert(0, f"Cells read {legend}. Rows and ms are counted from the user's last input token "
+                        "(negative: before the user finished).\n")
+    return "\n".join(lines)
+
+
+def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
+    """Grouped bars per task: exact match; first/last answer token in rows; the same in ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(summaries)
+    tasks = [t for t in summaries[labels[0]] if t != "all"]
+    x, width = np.arange(len(tasks)), 0.8 / len(labels)
+    figures = {
+        "accuracy.png": ("Exact match on held-out examples", [("accuracy", "exact match %", 100, ".0f")]),
+        "latency_rows.png": ("Rows from the user's last token", [("ttft_rows", "first answer token", 1, ".1f"),
+                                                                 ("latency_rows", "end of answer", 1, ".1f")]),
+        "latency_ms.png": ("Milliseconds from the user's last token (one session, this CPU)",
+                           [("ttft_ms", "first answer token", 1, ".0f"), ("latency_ms", "end of answer", 1, ".0f")]),
+    }
+    paths = []
+    for name, (title, panels) in figures.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+        for ax, (key, ylabel, scale, fmt) in zip(axes[0], panels):
+            for i, label in enumerate(labels):
+                values = [summaries[label][t].get(key, math.nan) * scale for t in tasks]
+                bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.nan_to_num(values), width, label=label)
+                ax.bar_label(bars, labels=[_num(v, fmt, 1) for v in values], fontsize=7)
+            ax.axhline(0, color="black", linewidth=0.6)
+            ax.set_xticks(x, tasks)
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def flat_metrics(summaries: dict[str, dict]) -> dict[str, float]:
+    """{"<label>/<task>/<metric>": value} without NaNs, for W&B and JSON."""
+    return {f"{label}/{task}/{key}": float(v) for label, per_task in summaries.items()
+            for task, m in per_task.items() for key, v in m.items() if not math.isnan(v)}
+
+
+def write_records(records: list[dict], path: Path) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_report(out_dir: Path, title: str, summaries: dict[str, dict], records: dict[str, list[dict]],
+                 notes: str = "", extra: dict | None = None) -> tuple[str, list[Path]]:
+    """report.md, summary.json, records-<label>.jsonl and the plots; returns (markdown, plots)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(summaries, out_dir)
+    markdown = f"# {title}\n\n{format_tables(summaries)}\n" + (f"\n{notes}\n" if notes else "")
+    (out_dir / "report.md").write_text(markdown)
+    clean = {label: {t: {k: None if math.isnan(v) else v for k, v in m.items()} for t, m in per_task.items()}
+             for label, per_task in summaries.items()}  # JSON has no NaN
+    (out_dir / "summary.json").write_text(json.dumps({"summaries": clean, **(extra or {})}, indent=1) + "\n")
+    for label, recs in records.items():
+        write_records(recs, out_dir / f"records-{label}.jsonl")
+    return markdown, plots
