@@ -42,7 +42,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(
             num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             object_store_memory=256 * 1024**2, configure_logging=False, log_to_driver=True,
-            runtime_env={"env_vars": {k: os.environ[k] for k in (*LOCAL_ENV, *PASS_THROUGH) if k in os.environ}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in (*LOCAL_ENV, *PASS_THROUGH) if k in os.environ},
+                         "worker_process_setup_hook": "ms_ray.ray_env.quiet_local_workers"},
         )
     import logging
 
@@ -52,3 +53,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = False
     return ray
+
+
+def quiet_local_workers() -> None:
+    """Runs in every worker of a local Ray. Local runs start no dashboard, so Ray Train's
+    placement-group cleaner cannot reach the State API and would warn every second of a run
+    (it has nothing to clean up here: the whole local Ray stops with the driver)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

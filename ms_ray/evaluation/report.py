@@ -20,14 +20,15 @@ COLUMNS = (
     ("no_output", "no answer %", ".0f", 100),
 )
 BEHAVIOURS = (  # (task, metric, what it shows, format, scale)
-    ("count_stop", "reaction_exact", "count stopped exactly 2 rows after a mid-answer `stop`, %", ".1f", 100),
+    ("count_stop", "reaction_exact", "count ends exactly where the mid-answer `stop` fell, % (stopped examples)", ".1f", 100),
     ("count_stop", "reaction_rows", "rows from the user's `stop` to the end of the answer", ".1f", 1),
     ("tool_call", "tool_used", "answer repeats the result of the model's own tool call, %", ".1f", 100),
     ("tool_call", "talk_while_tool", "answer words written while the tool was working, % of examples", ".1f", 100),
 )
 
 
-def _num(value, fmt: str, scale: float) -> str:
+def number(value, fmt: str, scale: float = 1) -> str:
+    """A table cell: `value * scale` formatted, "–" for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return format(value * scale, fmt)
@@ -42,13 +43,13 @@ def format_tables(summaries: dict[str, dict]) -> str:
     lines = [f"| task | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
              "|---|---:|" + "---:|" * len(COLUMNS)]
     for task in tasks:
-        cells = [" / ".join(_num(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels)
+        cells = [" / ".join(number(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels)
                  for key, _, fmt, scale in COLUMNS]
         lines.append(f"| {task} | {first[task]['n']:.0f} | " + " | ".join(cells) + " |")
     lines += ["", f"| behaviour | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
     for task, key, what, fmt, scale in BEHAVIOURS:
         if task in first:
-            lines.append(f"| {what} | " + " | ".join(_num(summaries[lb][task].get(key), fmt, scale) for lb in labels) + " |")
+            lines.append(f"| {what} | " + " | ".join(number(summaries[lb][task].get(key), fmt, scale) for lb in labels) + " |")
     if len(labels) > 1:
         lines.insert(0, f"Cells read {legend}. Rows and ms are counted from the user's last input token "
                         "(negative: before the user finished).\n")
@@ -80,7 +81,7 @@ def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
             for i, label in enumerate(labels):
                 values = [summaries[label][t].get(key, math.nan) * scale for t in tasks]
                 bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.nan_to_num(values), width, label=label)
-                ax.bar_label(bars, labels=[_num(v, fmt, 1) for v in values], fontsize=7)
+                ax.bar_label(bars, labels=[number(v, fmt, 1) for v in values], fontsize=7)
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks(x, tasks)
             ax.set_ylabel(ylabel)

@@ -25,14 +25,14 @@ plus "skills/eval_seconds", the wall time of decoding. A mean over nothing is Na
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
 from ..core.model import MultiStreamLM
 from ..data.tables import Example
-from ..evaluation.harness import Episode, Pushes, run_episodes
+from ..evaluation.harness import Episode, Pushes, mean, run_episodes
+from ..evaluation.report import number
 
 METRICS = ("n", "accuracy", "ttft_rows", "no_output", "latency_rows")
 
@@ -63,18 +63,13 @@ def _score(example: Example, rows: np.ndarray, schema) -> dict:
             "latency_rows": latency}
 
 
-def _mean(values) -> float:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else math.nan
-
-
 def _summary(records: list[dict]) -> dict:
     return {
         "n": len(records),
-        "accuracy": _mean([float(r["exact"]) for r in records]),
-        "ttft_rows": _mean([r["ttft_rows"] for r in records]),
-        "no_output": _mean([float(r["ttft_rows"] is None) for r in records]),
-        "latency_rows": _mean([r["latency_rows"] for r in records]),
+        "accuracy": mean([float(r["exact"]) for r in records]),
+        "ttft_rows": mean([r["ttft_rows"] for r in records]),
+        "no_output": mean([float(r["ttft_rows"] is None) for r in records]),
+        "latency_rows": mean([r["latency_rows"] for r in records]),
     }
 
 
@@ -122,13 +117,10 @@ def format_skill_table(metrics: dict) -> str:
     tasks = [k.split("/")[1] for k in metrics if k.startswith("skills/") and k.endswith("/n")]
     tasks = [t for t in tasks if t != "all"] + [t for t in tasks if t == "all"]
 
-    def num(value, fmt):
-        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
-
     lines = ["| task | n | accuracy % | ttft rows | latency rows | no output % |",
              "|---|---:|---:|---:|---:|---:|"]
     for t in tasks:
         m = {k: metrics.get(f"skills/{t}/{k}") for k in METRICS}
-        lines.append(f"| {t} | {m['n']} | {num(100 * m['accuracy'], '.1f')} | {num(m['ttft_rows'], '+.2f')} "
-                     f"| {num(m['latency_rows'], '+.2f')} | {num(100 * m['no_output'], '.1f')} |")
+        lines.append(f"| {t} | {m['n']} | {number(m['accuracy'], '.1f', 100)} | {number(m['ttft_rows'], '+.2f')} "
+                     f"| {number(m['latency_rows'], '+.2f')} | {number(m['no_output'], '.1f', 100)} |")
     return "\n".join(lines)
