@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..core.decode import RowDecoder, StopRules
+from ..core.streams import SchemaError
 from ..data.skills import SKILL_STREAMS, TOOL_DELAY, sequential_text
 from ..data.tables import Example
 from ..serving.tools import run_call
@@ -85,8 +86,8 @@ def layout_of(schema) -> str:
         return "streams"
     if schema.num_streams == 1:
         return "sequential"
-    raise ValueError(f"not a skills model: streams {schema.names}; the skill evaluation needs the streams "
-                     f"{SKILL_STREAMS.names} or a single-stream baseline")
+    raise SchemaError(f"not a skills model: streams {schema.names}; the skill evaluation needs the streams "
+                      f"{SKILL_STREAMS.names} or a single-stream baseline")
 
 
 class Layout:

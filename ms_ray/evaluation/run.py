@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig, load_config
-from .harness import SUMMARY, evaluate, summarize
+from .harness import SUMMARY, evaluate, layout_of, summarize
 from .report import flat_metrics, write_report
 
 ARMS = ("streams", "sequential")
@@ -44,7 +44,7 @@ def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
     model, tokenizer = load_skills_model(checkpoint)
     started = time.perf_counter()
     records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), cfg.batch_sessions, cfg.slack_rows)
-    info = {"checkpoint": str(checkpoint), "streams": model.schema.names,
+    info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,
             "parameters": sum(p.numel() for p in model.parameters()), "eval_seconds": time.perf_counter() - started}
     return records, info
 
@@ -72,7 +72,7 @@ def eval_checkpoint(cfg) -> dict:
     """`ms-ray eval`: score one checkpoint; returns {task: {metric: value}}."""
     out = Path(cfg.output or Path(cfg.checkpoint).resolve().parent / "eval")
     records, info = score_checkpoint(cfg.checkpoint, cfg.eval)
-    label = "streams" if len(info["streams"]) > 1 else "sequential"
+    label = info["layout"]
     summaries = {label: summarize(records)}
     notes = (f"{info['checkpoint']}: {info['parameters']:,} parameters, streams {info['streams']}; "
              f"{len(records)} held-out examples (seed {cfg.eval.seed}), decoded in {info['eval_seconds']:.0f} s "
