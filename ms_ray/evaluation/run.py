@@ -18,18 +18,6 @@ ARMS = ("streams", "sequential")
 BUDGET = ("model", "deepspeed", "optim", "scaling", "seed")
 
 
-def load_skills_model(checkpoint: str | Path):
-    """(model, tokenizer) of an exported MultiStreamLM folder, on the CPU in fp32 (or CUDA)."""
-    import torch
-
-    from ..core.model import MultiStreamLM
-    from ..data.tokenizer import load_tokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MultiStreamLM.from_pretrained(checkpoint).to(device).eval()
-    return model, load_tokenizer(checkpoint, model.schema)
-
-
 def held_out_examples(cfg, tokenizer) -> list:
     """The same examples for every model: drawn as stream tables with the eval seed."""
     from ..data.pipeline import encoder
@@ -41,7 +29,9 @@ def held_out_examples(cfg, tokenizer) -> list:
 
 
 def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
-    model, tokenizer = load_skills_model(checkpoint)
+    from ..train.checkpoint import load_export
+
+    model, tokenizer = load_export(checkpoint, dtype="float32")  # scored in fp32 on any device
     started = time.perf_counter()
     records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), cfg.batch_sessions, cfg.slack_rows)
     info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,

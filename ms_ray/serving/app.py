@@ -31,20 +31,6 @@ def refusal(e: ServeError) -> dict:
     return {"type": "error", "code": e.code, "message": e.message}
 
 
-def load_for_serving(cfg: ServeConfig):
-    """(model, tokenizer) on the configured device and dtype."""
-    import torch
-
-    from ..core.model import MultiStreamLM
-    from ..data.tokenizer import load_tokenizer
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = MultiStreamLM.from_pretrained(cfg.checkpoint, dtype=dtype).to(device).eval()
-    return model, load_tokenizer(cfg.checkpoint, model.schema)
-
-
 def engine_settings(cfg: ServeConfig, tools: bool) -> EngineSettings:
     s = cfg.session
     return EngineSettings(
@@ -73,11 +59,13 @@ class SessionServer:
     def __init__(self, config: dict, tools=None):
         import torch
 
+        from ..train.checkpoint import load_export
+
         cfg = ServeConfig.model_validate(config, context={"check_paths": False})
         if cfg.model.num_cpus >= 1:
             torch.set_num_threads(int(cfg.model.num_cpus))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        model, tokenizer = load_for_serving(cfg)
+        model, tokenizer = load_export(cfg.checkpoint, cfg.device, cfg.dtype)
         names = model.schema.names
         use_tools = tools is not None and cfg.tools.call_stream in names and cfg.tools.result_stream in names
         run_tool = (lambda call: _awaited(tools.run.remote(call))) if use_tools else None

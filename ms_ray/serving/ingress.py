@@ -31,8 +31,10 @@ async def _awaited(response):  # module-level and above the deployments: Serve p
 
 app = FastAPI(title="ms_ray", description="Multi-stream sessions: see serve/PROTOCOL.md")
 
-WEB = Path(__file__).parent / "web"  # the page: package data, plain HTML/JS/CSS
-STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+WEB = Path(__file__).parent / "web"  # the page: package data, plain HTML/JS/CSS, read once
+PAGE = (WEB / "index.html").read_text(encoding="utf-8")
+STATIC = {name: ((WEB / name).read_bytes(), media) for name, media in
+          (("app.js", "text/javascript; charset=utf-8"), ("style.css", "text/css; charset=utf-8"))}
 WEB_HEADERS = {  # the page loads only its own files and talks only to this server
     "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'self'",
     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
@@ -136,14 +138,14 @@ class Ingress:
         """The session page. Its links are relative to a <base href> at the app's route prefix
         (Serve's proxy puts that prefix in root_path), so it works under any prefix."""
         base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
-        text = (WEB / "index.html").read_text(encoding="utf-8").replace("<head>", f'<head>\n<base href="{base}">', 1)
-        return HTMLResponse(text, headers=WEB_HEADERS)
+        return HTMLResponse(PAGE.replace("<head>", f'<head>\n<base href="{base}">', 1), headers=WEB_HEADERS)
 
     @app.get("/static/{name}")
     async def static(self, name: str):
         if name not in STATIC:
             return JSONResponse({"type": "error", "code": "not_found", "message": f"no file {name!r}"}, status_code=404)
-        return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=WEB_HEADERS)
+        body, media_type = STATIC[name]
+        return Response(body, media_type=media_type, headers=WEB_HEADERS)
 
     # ---- WebSocket -----------------------------------------------------------------------
     @app.websocket("/v1/sessions")

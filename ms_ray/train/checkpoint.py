@@ -67,3 +67,16 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, make_model, t
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / "ds"), tag=TAG)
     return export_model(sd, make_model, tokenizer, Path(out))
+
+
+def load_export(folder, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) of an exported MultiStreamLM folder, in eval mode. device auto: CUDA
+    when there is one; dtype auto: bf16 on CUDA, fp32 on the CPU."""
+    from ..core.model import MultiStreamLM
+    from ..data.tokenizer import load_tokenizer
+
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    model = MultiStreamLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(folder, model.schema)
