@@ -6,11 +6,16 @@ import argparse
 import os
 import sys
 
-from .core.streams import SchemaError
-from .data.pipeline import PrepareError
-
 from .config import (CompareConfig, ConfigError, DemoConfig, EvalJobConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig,
                      load_config, load_serve_file)
+from .core.streams import SchemaError
+from .data.pipeline import PrepareError
+from .ray_env import RayAddressError, set_environment
+from .submit import SubmitError
+from .train.tracking import TrainingDiverged
+
+REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)
+FAILED = (PrepareError, TrainingDiverged)  # the work ran and stopped for a stated reason
 
 
 def demo(cfg: DemoConfig) -> list:
@@ -114,97 +119,128 @@ WITH_CHECKPOINT = ("serve", "eval")  # CHECKPOINT is positional, the config file
 
 
 DASHBOARD = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+SUBMITTABLE = "train, prepare, tokenizer, eval or compare"
 
 
 def add_cluster_commands(sub) -> None:
     """Commands that talk to a running cluster (Ray Jobs, preflight): not config-shaped."""
-    p = sub.add_parser("submit", help="run a train/prepare/tokenizer config as a Ray Job on a cluster")
-    p.add_argument("config")
+    p = sub.add_parser("submit", help=f"run a {SUBMITTABLE} config as a Ray Job on a cluster")
+    p.add_argument("config", help=f"a {SUBMITTABLE} config file inside --working-dir")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, passed to the job's command")
     p.add_argument("--address", default=DASHBOARD, help=f"the head's dashboard (default {DASHBOARD})")
     p.add_argument("--follow", action="store_true", help="print the logs and exit with the job's status")
     p.add_argument("--name", help="submission id (default: Ray's)")
-    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job")
     p.add_argument("--token", help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     p = sub.add_parser("jobs", help="list, logs or stop Ray Jobs")
     p.add_argument("action", choices=["list", "logs", "stop"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", default=DASHBOARD)
+    p.add_argument("job_id", nargs="?", help="a submission id (see `ms-ray jobs list`)")
+    p.add_argument("--address", default=DASHBOARD, help=f"the head's dashboard (default {DASHBOARD})")
     p.add_argument("--follow", action="store_true")
     p.add_argument("--token")
     p = sub.add_parser("preflight", help="check storage, versions, GPUs, backend and W&B on every node")
-    p.add_argument("config", nargs="?", default="jobs/tiny.yaml", help="the training config to check for")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", nargs="?", default="jobs/tiny.yaml", help="the training config to check for (default jobs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.add_argument("--address", help="a running cluster (GCS address or 'auto'; default: RAY_ADDRESS or local)")
     p.add_argument("--token")
 
 
 def run_cluster_command(args, extra: list[str]) -> int:
-    from .submit import SubmitError, jobs_command, submit, use_token
+    from .submit import jobs_command, submit, use_token
 
-    try:
-        if args.command == "submit":
-            return submit(args.config, [*args.overrides, *extra], args.address, args.follow, args.token,
-                          args.working_dir, args.name, args.env)
-        if args.command == "jobs":
-            return jobs_command(args.action, args.address, args.job_id, args.follow, args.token)
-        from .preflight import preflight
+    if args.command == "submit":
+        return submit(args.config, [*args.overrides, *extra], args.address, args.follow, args.token,
+                      args.working_dir, args.name, args.env)
+    if args.command == "jobs":
+        return jobs_command(args.action, args.address, args.job_id, args.follow, args.token)
+    from .preflight import preflight
 
-        use_token(args.token)
-        return preflight(load_config(TrainConfig, args.config, [*args.overrides, *extra], check_paths=False), args.address)
-    except (SubmitError, ConfigError) as e:
-        print(f"ms-ray {args.command}: {e}", file=sys.stderr)
-        return 2
+    use_token(args.token)
+    cfg = load_config(TrainConfig, args.config, [*args.overrides, *extra], check_paths=False)
+    set_environment(args.address)
+    return preflight(cfg, args.address)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, default, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "tokenizer":
             p.add_argument("action", choices=["train"])
         if name == "train":
-            p.add_argument("--address", help="join a running Ray cluster instead of starting a local one")
+            p.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto) instead of starting a local one")
         if name == "export":
             p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
             p.add_argument("--out", help="output folder (default: {storage}/{name}/export)")
         if name in WITH_CHECKPOINT:
-            p.add_argument("checkpoint", nargs="?", help="a MultiStreamLM folder (default: the config's)")
+            p.add_argument("checkpoint", nargs="?", help="an exported model folder (default: the config's `checkpoint`)")
             p.add_argument("--config", default=default, help=f"a config file (default {default})")
         else:
-            p.add_argument("config", nargs="?", default=default)
-        p.add_argument("overrides", nargs="*", help="dotted.key=value")
+            p.add_argument("config", nargs="?", default=default, help=f"a config file (default {default})")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.max_steps=500")
     add_cluster_commands(sub)
-    args, extra = parser.parse_known_args(argv)  # overrides may also follow an --option
-    if any(a.startswith("-") or "=" not in a for a in extra) or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("submit", "jobs", "preflight"):
-        return run_cluster_command(args, extra)
-    args.overrides = [*args.overrides, *extra]
-    run, config_class, default, _ = COMMANDS[args.command]
+    return parser
+
+
+def load_command_config(args):
+    """The command's typed config from its file and overrides (ConfigError names what is wrong)."""
+    _, config_class, default, _ = COMMANDS[args.command]
     first = "checkpoint" if args.command in WITH_CHECKPOINT else "config"
     if getattr(args, first) and "=" in getattr(args, first):  # only overrides were given
         args.overrides = [getattr(args, first), *args.overrides]
         setattr(args, first, None if first == "checkpoint" else default)
-    extra = {k: v for k, v in vars(args).items() if k in ("address", "checkpoint", "out")}
+    if args.command not in WITH_CHECKPOINT:
+        return load_config(config_class, args.config, args.overrides)
+    overrides = [f"checkpoint={args.checkpoint}", *args.overrides] if args.checkpoint else args.overrides
+    if args.command == "serve":
+        return load_serve_file(args.config, overrides)[0]
+    return load_config(config_class, args.config, overrides)
+
+
+def what_was_kept(command: str, cfg) -> str:
+    """One line for Ctrl-C: what survives the interruption."""
+    if command == "train" and cfg is not None:
+        from .train.run import latest_checkpoint
+
+        found = latest_checkpoint(cfg)
+        if found is None:
+            return "no checkpoint was written yet; run the same command to start again"
+        return f"checkpoint of step {found[1]} kept in {found[0]}; run the same command to resume from it"
+    if command == "prepare" and cfg is not None:
+        return f"the data set in {cfg.output} is as it was before (a new one is swapped in only when complete)"
+    if command == "compare" and cfg is not None:
+        return f"finished training runs and their checkpoints are kept under {cfg.output}/train; run it again to resume"
+    return "nothing half-written was kept"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may also follow an --option
+    if any(a.startswith("-") or "=" not in a for a in extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    prog, cfg = f"ms-ray {args.command}", None
     try:
-        if args.command in WITH_CHECKPOINT:
-            checkpoint = extra.pop("checkpoint", None)
-            overrides = [f"checkpoint={checkpoint}", *args.overrides] if checkpoint else args.overrides
-            if args.command == "serve":
-                cfg = load_serve_file(args.config, overrides)[0]
-            else:
-                cfg = load_config(config_class, args.config, overrides)
-        else:
-            cfg = load_config(config_class, args.config, args.overrides)
-        run(cfg, **extra)
-    except (ConfigError, FileNotFoundError, SchemaError) as e:
-        print(f"ms-ray {args.command}: {e}", file=sys.stderr)
+        if args.command in ("submit", "jobs", "preflight"):
+            return run_cluster_command(args, extra)
+        args.overrides = [*args.overrides, *extra]
+        cfg = load_command_config(args)
+        # Before anything imports Ray: it reads part of its environment (e.g. which address
+        # to bind) once, at import.
+        set_environment(getattr(args, "address", None) or getattr(cfg, "address", None))
+        run, extra_args = COMMANDS[args.command][0], {k: v for k, v in vars(args).items() if k in ("address", "out")}
+        if args.command == "export":
+            extra_args["checkpoint"] = args.checkpoint
+        run(cfg, **extra_args)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; {what_was_kept(args.command, cfg)}", file=sys.stderr, flush=True)
+        return 130
+    except REFUSED as e:  # bad input: named, nothing started or nothing lost
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    except PrepareError as e:  # written, but too much input was dropped
-        print(f"ms-ray {args.command}: {e}", file=sys.stderr)
+    except FAILED as e:  # the work ran and failed for a stated reason (what was kept is named)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     return 0
 

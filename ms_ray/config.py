@@ -8,6 +8,8 @@ before anything expensive starts.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -63,6 +65,16 @@ class ModelConfig(Strict):
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30 % more compute
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.pretrained is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads}): "
+                             f"change model.hidden_size or model.num_heads")
+        kv = self.num_kv_heads
+        if self.pretrained is None and kv is not None and (kv <= 0 or self.num_heads % kv):
+            raise ValueError(f"num_kv_heads ({kv}) must be positive and divide num_heads ({self.num_heads})")
+        return self
 
 
 class SamplingConfig(Strict):
@@ -192,6 +204,9 @@ class PrepareConfig(Strict):
             missing = [s.path for s in self.sources if s.kind == "jsonl" and not Path(s.path).exists()]
             if missing:
                 raise ValueError(f"source file(s) do not exist: {missing}")
+            folders = [s.path for s in self.sources if s.kind == "jsonl" and not Path(s.path).is_file()]
+            if folders:
+                raise ValueError(f"source path(s) {folders} are not files: a jsonl source's path names one .jsonl file")
             if self.tokenizer != "skills" and not Path(self.tokenizer).exists():
                 raise ValueError(f"tokenizer folder {self.tokenizer} does not exist")
         names = [s.label for s in self.sources]
@@ -233,9 +248,12 @@ class DeepSpeedConfig(Strict):
         return self
 
 
+MAX_LR = 1.0  # above this AdamW diverges at once on any model: a typo, not a setting
+
+
 class OptimConfig(Strict):
-    lr: float = Field(2e-3, gt=0)
-    stream_embed_lr: float | None = Field(None, gt=0)  # default: lr
+    lr: float = Field(2e-3, gt=0, le=MAX_LR, allow_inf_nan=False)
+    stream_embed_lr: float | None = Field(None, gt=0, le=MAX_LR, allow_inf_nan=False)  # default: lr
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.01, ge=0)
     max_steps: int = Field(2000, gt=0)
@@ -243,6 +261,23 @@ class OptimConfig(Strict):
     schedule: Literal["cosine", "constant", "wsd"] = "cosine"  # wsd: warmup, constant, linear cooldown
     cooldown_steps: int = Field(0, ge=0)  # wsd: length of the final linear decay
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)} (usual: [0.9, 0.98])")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule_fits(self):
+        if self.warmup_steps and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be shorter than max_steps ({self.max_steps}): "
+                             f"lower optim.warmup_steps")
+        if self.cooldown_steps > self.max_steps - self.warmup_steps:
+            raise ValueError(f"cooldown_steps ({self.cooldown_steps}) does not fit between warmup "
+                             f"({self.warmup_steps}) and max_steps ({self.max_steps})")
+        return self
 
 
 class ScalingConfig(Strict):
@@ -269,12 +304,27 @@ class WandbConfig(Strict):
     entity: str | None = None
 
 
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def plain_name(value: str) -> str:
+    """A name that becomes one folder: letters, digits, '.', '_', '-'; never a path."""
+    if not NAME.match(value):
+        raise ValueError(f"{value!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')")
+    return value
+
+
 class RunConfig(Strict):
-    name: str = "run"
+    name: str = "run"  # the run's folder under `storage`: a plain name, never a path
     storage: str = "runs/train"  # checkpoints, metrics, W&B files, export: {storage}/{name}
     max_failures: int = Field(1, ge=0)
     log_every: int = Field(50, gt=0)
     fail_at_step: int | None = None  # fault injection (tests): one worker raises once at this step
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return plain_name(v)
 
 
 class TrainConfig(Strict):
@@ -306,6 +356,16 @@ class TrainConfig(Strict):
         return self
 
 
+def exported_model(folder: str, info: ValidationInfo) -> str:
+    """A model folder must be a whole MultiStreamLM export before a replica or an evaluation
+    tries to load it (a bad one otherwise fails inside Ray, retried, after 30 s)."""
+    if check_paths(info):
+        from .core.export import check_export
+
+        check_export(folder)  # ExportError is a ValueError: reported against the field
+    return folder
+
+
 # ---- evaluation (`ms-ray eval`, `ms-ray compare`) ----------------------------------------
 class SkillEvalConfig(Strict):
     """Held-out skill examples, decoded as live sessions (ms_ray/evaluation/harness.py)."""
@@ -326,11 +386,7 @@ class EvalJobConfig(Strict):
     name: str = "eval"
     wandb: WandbConfig = WandbConfig()
 
-    @model_validator(mode="after")
-    def _checkpoint_exists(self, info: ValidationInfo):
-        if check_paths(info) and not Path(self.checkpoint).is_dir():
-            raise ValueError(f"checkpoint: {self.checkpoint} is not a folder (train and export a model first)")
-        return self
+    _checkpoint = field_validator("checkpoint")(exported_model)
 
 
 class CompareArm(Strict):
@@ -459,32 +515,28 @@ class ServeConfig(Strict):
     def _checks(self, info: ValidationInfo):
         if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
             raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles {sorted(self.roles)}")
-        if check_paths(info) and not Path(self.checkpoint).exists():
-            raise ValueError(f"checkpoint: {self.checkpoint} does not exist (train and export one, or pass a folder)")
         return self
+
+    _checkpoint = field_validator("checkpoint")(exported_model)
 
 
 def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> tuple[ServeConfig, dict]:
     """A Serve config file (serve/*.yaml): our ServeConfig is its first application's `args`;
     its http_options give host and port. Returns (config, the whole file as a dict)."""
     source = str(path)
-    try:
-        tree = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"serve config {source} does not exist") from None
+    tree = read_yaml(path)
     apps = (tree or {}).get("applications") if isinstance(tree, dict) else None
-    if not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
         raise ConfigError(f"{source}: expected a Serve config with applications[0].args holding the ms_ray settings")
     data = dict(apps[0]["args"])
+    http = tree.get("http_options") if isinstance(tree.get("http_options"), dict) else {}
     for key in ("host", "port"):
-        if key in (tree.get("http_options") or {}):
-            data.setdefault(key, tree["http_options"][key])
+        if key in http:
+            data.setdefault(key, http[key])
     data.setdefault("name", apps[0].get("name", "ms_ray"))
     data.setdefault("route_prefix", apps[0].get("route_prefix", "/"))
-    try:
-        cfg = load_config(ServeConfig, None, overrides, data=data, check_paths=check_paths)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("<config>", f"{source} applications[0].args")) from None
+    cfg = load_config(ServeConfig, None, overrides, data=data, check_paths=check_paths,
+                      source=f"{source} applications[0].args")
     return cfg, tree
 
 
@@ -492,41 +544,70 @@ def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bo
 C = TypeVar("C", bound=BaseModel)
 
 
-def apply_override(tree: dict, override: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
-    if "=" not in override:
+def read_yaml(path: str | Path):
+    """A YAML file's content, or a ConfigError naming the file and what is wrong with it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source} is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source} is not a text (UTF-8) file (byte {e.start}): give a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {source}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def apply_override(tree: dict, override: str) -> tuple[str, ...]:
+    """Apply one `a.b.c=value` override in place (the value is parsed as YAML); returns the key's path."""
+    key, sep, raw = override.partition("=")
+    parts = tuple(p.strip() for p in key.strip().split("."))
+    if not sep or not all(parts):
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                          "quote it, e.g. key='[1'") from None
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
+    return parts
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
-                check_paths: bool = True) -> C:
+                check_paths: bool = True, source: str | None = None) -> C:
     """Build `cls` from a YAML file (or a dict) plus dotted overrides, or raise ConfigError.
+    An error is reported against the override that set the field, else against the file.
     check_paths=False skips the existence of input paths (checking shipped configs' shape)."""
-    source = str(path) if path else "<config>"
+    source = source or (str(path) if path else "<config>")
     tree = dict(data or {})
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(f"{source}: the top level must be a mapping of settings, got {type(loaded).__name__}")
         tree.update(loaded or {})
-    for o in overrides:
-        apply_override(tree, o)
+    set_by = {apply_override(tree, o): o for o in overrides}
     try:
         return cls.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{source}: invalid {cls.__name__}:\n  " + "\n  ".join(lines)) from None
+        lines = []
+        for err in e.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            override = next((o for keys, o in set_by.items() if loc[: len(keys)] == keys or keys[: len(loc)] == loc
+                             and loc), None)
+            where = f"override {override} (over {source})" if override else source
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {'.'.join(loc) or cls.__name__}: {msg}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,12 +1,17 @@
 """`ms-ray preflight [CONFIG] [--address]`: what a long run needs, checked on every node first.
 
   storage   each node writes a probe file under the run's storage and reads it back, then every
-            node must see every other node's probe (checkpoints need ONE shared storage);
+            node must see every other node's probe (checkpoints need ONE shared storage). Only
+            the run.storage folder itself is ever created, and only where its parent exists: a
+            missing parent (/mnt/shared not mounted) fails the check and creates nothing;
   versions  torch, ray, deepspeed, transformers and Python agree across nodes;
   gpus      what each node sees; with scaling.use_gpu every worker node needs GPUs;
-  backend   the collective backend the run uses (nccl with GPUs, gloo without) is available;
-  wandb     offline/disabled, or a key and a reachable server.
-A failed check says what to fix. Exit code 0 only if every check passed.
+  backend   the collective backend the run uses is available: gloo on every node, or nccl on
+            every node with GPUs (and there must be one; CPU-only nodes run no GPU worker);
+  wandb     the mode the run will use (ms_ray.train.tracking.wandb_mode: auto is online only with
+            WANDB_API_KEY): offline/disabled pass; online needs the key and a reachable server.
+A failed check says what to fix. Exit code 0 only if every check passed. Every wait is bounded:
+the probes get 120 s (PROBE_TIMEOUT_S), the W&B server 5 s.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ import os
 import time
 from pathlib import Path
 
+from .submit import SubmitError
+
 PACKAGES = ("torch", "ray", "deepspeed", "transformers")
+PROBE_TIMEOUT_S = 120
+
+
+class PreflightError(SubmitError):
+    """The check itself could not run (a node did not answer): exit code 2, like a refused submit."""
 
 
 def node_probe(storage: str, node: str, phase: str) -> dict:
@@ -24,10 +36,15 @@ def node_probe(storage: str, node: str, phase: str) -> dict:
     import platform
 
     out = {"node": node, "host": platform.node()}
-    folder = Path(storage) / ".preflight"
+    root = Path(storage)
+    folder = root / ".preflight"
     try:
         if phase == "write":
-            folder.mkdir(parents=True, exist_ok=True)
+            if not root.parent.exists():  # never create the mount point (or anything above the storage)
+                out["missing"] = str(next(p for p in root.parents if p.parent.exists()))  # topmost missing folder
+                return out | _node_facts(md, platform)
+            root.mkdir(exist_ok=True)
+            folder.mkdir(exist_ok=True)
             probe = folder / f"{node}.probe"
             probe.write_text(node)
             out["storage"] = probe.read_text() == node
@@ -35,18 +52,21 @@ def node_probe(storage: str, node: str, phase: str) -> dict:
             out["seen"] = sorted(p.stem for p in folder.glob("*.probe"))
     except OSError as e:
         out["error"] = f"{type(e).__name__}: {e}"
-    if phase == "write":
-        out["versions"] = {p: _version(md, p) for p in PACKAGES} | {"python": platform.python_version()}
-        try:
-            import torch
-            import torch.distributed as dist
+    return out | _node_facts(md, platform) if phase == "write" else out
 
-            out["gpus"] = torch.cuda.device_count()
-            out["nccl"] = dist.is_nccl_available() and out["gpus"] > 0
-            out["gloo"] = dist.is_gloo_available()
-        except Exception as e:  # torch missing or broken on that node
-            out["gpus"], out["nccl"], out["gloo"] = 0, False, False
-            out["torch_error"] = repr(e)
+
+def _node_facts(md, platform) -> dict:
+    out = {"versions": {p: _version(md, p) for p in PACKAGES} | {"python": platform.python_version()}}
+    try:
+        import torch
+        import torch.distributed as dist
+
+        out["gpus"] = torch.cuda.device_count()
+        out["nccl"] = dist.is_nccl_available() and out["gpus"] > 0
+        out["gloo"] = dist.is_gloo_available()
+    except Exception as e:  # torch missing or broken on that node
+        out["gpus"], out["nccl"], out["gloo"] = 0, False, False
+        out["torch_error"] = repr(e)
     return out
 
 
@@ -60,41 +80,89 @@ def _version(md, package: str) -> str:
 def on_every_node(ray, nodes: list[str], storage: str, phase: str) -> list[dict]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0)(node_probe)
-    return ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-                    .remote(storage, n[:12], phase) for n in nodes], timeout=120)
+    task = ray.remote(num_cpus=0, max_retries=0)(node_probe)
+    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+            .remote(storage, n[:12], phase): n for n in nodes}
+    _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+    if pending:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise PreflightError(f"no answer from node(s) {[refs[r][:12] for r in pending]} in {PROBE_TIMEOUT_S} s "
+                             f"({phase} probe): check that they are alive (`ray status`) and not out of memory")
+    try:
+        return ray.get(list(refs))
+    except ray.exceptions.RayError as e:  # the node died, or the probe could not run there
+        raise PreflightError(f"the {phase} probe failed on a node: {type(e).__name__}: {str(e)[:500]}") from None
 
 
 def check_wandb(mode: str) -> tuple[bool, str]:
-    env_mode = os.environ.get("WANDB_MODE")
-    if mode in ("offline", "disabled") or env_mode in ("offline", "disabled", "dryrun"):
-        return True, f"offline mode ({mode if mode != 'auto' else 'WANDB_MODE=' + str(env_mode)}): runs sync later"
+    """The W&B mode the run will use, by the run's own rule (tracking.wandb_mode), and whether it
+    can work: offline/disabled always can; online needs WANDB_API_KEY and a reachable server."""
+    from types import SimpleNamespace
+
+    from .train.tracking import wandb_mode
+
+    effective = wandb_mode(SimpleNamespace(mode=mode))
+    key = "WANDB_API_KEY set" if effective == "online" else "no WANDB_API_KEY"
+    how = f"wandb.mode={mode}" + (f" -> {effective} ({key})" if mode == "auto" else "")
+    if effective == "disabled":
+        return True, f"{how}: no W&B logging"
+    if effective == "offline":
+        return True, f"{how}: runs are written offline under the run folder (wandb sync later)"
     if not os.environ.get("WANDB_API_KEY"):
-        return False, "no WANDB_API_KEY and W&B is not offline: set the key, or WANDB_MODE=offline / wandb.mode=offline"
+        return False, f"{how} but no WANDB_API_KEY: set the key, or wandb.mode=auto/offline"
     import httpx
 
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     try:
         httpx.get(url, timeout=5)
-        return True, f"{url} reachable"
+        return True, f"{how}: {url} reachable"
     except httpx.HTTPError as e:
-        return False, f"{url} unreachable ({type(e).__name__}): fix the network or use WANDB_MODE=offline"
+        return False, f"{how}: {url} unreachable ({type(e).__name__}): fix the network or use wandb.mode=offline"
+
+
+def check_backend(use_gpu: bool, wrote: dict[str, dict]) -> tuple[bool, str]:
+    """gloo must work on every node; nccl on every node with GPUs, and at least one node must have
+    them (a CPU-only head runs no GPU worker, so it is not asked for nccl)."""
+    if not use_gpu:
+        missing = [n for n, r in wrote.items() if not r["gloo"]]
+        return (not missing, "gloo available on every node" if not missing else
+                f"gloo unavailable on {missing}: install a torch build with gloo")
+    gpu_nodes = [n for n, r in wrote.items() if r["gpus"] > 0]
+    if not gpu_nodes:
+        return False, (f"nccl unavailable: no node has a GPU ({', '.join(f'{n}=0' for n in wrote)}); nccl needs "
+                       "CUDA GPUs: start GPU workers, or scaling.use_gpu=false for gloo on CPUs")
+    missing = [n for n in gpu_nodes if not wrote[n]["nccl"]]
+    cpu_only = sorted(set(wrote) - set(gpu_nodes))
+    if missing:
+        return False, f"nccl unavailable on {missing} (GPU nodes): install a CUDA torch build with nccl"
+    return True, (f"nccl available on the {len(gpu_nodes)} GPU node(s)"
+                  + (f"; CPU-only {cpu_only} run no GPU worker" if cpu_only else ""))
 
 
 def preflight(cfg, address: str | None = None) -> int:
     from .ray_env import init_ray
 
     storage = str(Path(cfg.run.storage).absolute())  # every node gets the same path
-    ray = init_ray(address)
+    try:
+        ray = init_ray(address)
+    except ConnectionError as e:  # nothing answers at --address (ray_env's bounded check, or Ray's own)
+        raise PreflightError(str(e)) from None
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     started = time.perf_counter()
     wrote = {r["node"]: r for r in on_every_node(ray, nodes, storage, "write")}
     seen = {r["node"]: r for r in on_every_node(ray, nodes, storage, "read")}
     checks = []
 
+    absent = {n: r["missing"] for n, r in wrote.items() if "missing" in r}
     failed = {n: r.get("error", "probe read back wrong") for n, r in wrote.items() if not r.get("storage")}
     blind = {n: sorted(set(wrote) - set(r.get("seen", []))) for n, r in seen.items() if set(wrote) - set(r.get("seen", []))}
-    if failed:
+    if absent:
+        detail = "; ".join(f"{m} does not exist on node {n} ({wrote[n]['host']})" for n, m in absent.items())
+        checks.append(("storage", False, f"run.storage {storage}: {detail}. Mount the shared storage there on every "
+                                         "node (preflight creates only the run.storage folder itself, inside an "
+                                         "existing one), or set run.storage to a path every node can write"))
+    elif failed:
         detail = "; ".join(f"node {n} ({wrote[n]['host']}): {e}" for n, e in failed.items())
         checks.append(("storage", False, f"cannot write {storage}: {detail}. Mount shared storage there on every "
                                          "node, or set run.storage to a path every node can write"))
@@ -121,10 +189,7 @@ def preflight(cfg, address: str | None = None) -> int:
     else:
         checks.append(("gpus", True, f"{sum(gpus.values())} GPU(s): " + ", ".join(f"{n}={g}" for n, g in gpus.items())))
 
-    backend = "nccl" if cfg.scaling.use_gpu else "gloo"
-    missing = [n for n, r in wrote.items() if not r[backend] and (backend == "gloo" or r["gpus"])]
-    checks.append(("backend", not missing, f"{backend} available on every node" if not missing else
-                   f"{backend} unavailable on {missing}: install a torch build with {backend}"))
+    checks.append(("backend", *check_backend(cfg.scaling.use_gpu, wrote)))
 
     checks.append(("wandb", *check_wandb(cfg.wandb.mode)))
 

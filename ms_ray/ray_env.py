@@ -1,17 +1,23 @@
 """Starting or joining Ray, in one place.
 
-Local runs start an embedded single-node Ray bound to 127.0.0.1; `address` joins a running
-cluster instead. The environment defaults below keep local runs quiet and offline.
+Local runs start an embedded single-node Ray with every process bound to 127.0.0.1 and token
+auth on (a fresh random token per run, known only to this process and its children), so
+neither the network nor another user of the machine can submit work to it. `address` joins a
+running cluster instead, after checking within seconds that something answers there. The
+environment defaults below keep local runs quiet and offline.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import sys
 
 LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps the node on 127.0.0.1 instead of eth0
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",  # with a random token per local run (see init_ray)
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_OFFLINE": "1",
@@ -21,29 +27,56 @@ LOCAL_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "DS_ACCELERATOR": "cpu",  # local runs here have no GPU; clusters set their own
     "OMP_NUM_THREADS": "1",  # workers set their torch threads from scaling.cpus_per_worker
+    "GLOO_SOCKET_IFNAME": "lo",  # gloo's pair sockets on loopback, not the machine's address
 }
+CLUSTER_OWN = ("DS_ACCELERATOR", "RAY_AUTH_MODE", "GLOO_SOCKET_IFNAME")  # a cluster sets its own
 PASS_THROUGH = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE", "WANDB_API_KEY")
+
+
+class RayAddressError(ConnectionError):
+    """Nothing answers at the Ray address given; the message names it."""
+
+
+def set_environment(address: str | None = None) -> None:
+    """The environment a local run (address None) or a cluster client needs, set before Ray is
+    imported where possible: Ray reads some of it once, at import."""
+    if address is None and "ray" in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        # Ray has already read the auth mode (disabled); a token now would lock this driver out
+        # of its own cluster. Processes still bind to loopback (below); callers that import ray
+        # themselves get token auth by setting RAY_AUTH_MODE=token before that import.
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+    for k, v in LOCAL_ENV.items():
+        if address is None or k not in CLUSTER_OWN:
+            os.environ.setdefault(k, v)
+    if address is None and os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this run's own: nobody else can connect
+    if address is None and "ray" in sys.modules:
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported (e.g. by
+        # `from ray import serve`); read too early it binds gcs, raylet and agents to every
+        # interface. Keep the constant in step with the environment.
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Join `address` (a running cluster; inside a Ray job, RAY_ADDRESS) or start a local Ray on
     127.0.0.1. Idempotent."""
     address = address or os.environ.get("RAY_ADDRESS")
-    for k, v in LOCAL_ENV.items():
-        if address is None or k not in ("DS_ACCELERATOR", "RAY_AUTH_MODE"):  # a cluster sets its own
-            os.environ.setdefault(k, v)
+    set_environment(address)
     import ray
 
     if ray.is_initialized():
         return ray
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
             num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
             object_store_memory=256 * 1024**2, configure_logging=False, log_to_driver=True,
             runtime_env={"env_vars": {k: os.environ[k] for k in (*LOCAL_ENV, *PASS_THROUGH) if k in os.environ},
-                         "worker_process_setup_hook": "ms_ray.ray_env.quiet_local_workers"},
+                         "worker_process_setup_hook": "ms_ray.ray_env.setup_local_worker"},
         )
     import logging
 
@@ -55,10 +88,47 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def quiet_local_workers() -> None:
-    """Runs in every worker of a local Ray. Local runs start no dashboard, so Ray Train's
-    placement-group cleaner cannot reach the State API and would warn every second of a run
-    (it has nothing to clean up here: the whole local Ray stops with the driver)."""
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at a GCS address (`host:port`): Ray's own
+    connect retries for minutes and ignores Ctrl-C meanwhile. 'auto' and ray:// are Ray's."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayAddressError(f"Ray address {address!r}: expected HOST:PORT of the head's GCS (e.g. 10.0.0.1:6379), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise RayAddressError(f"no Ray cluster answers at {address} ({reason} after at most {timeout_s:.0f} s): "
+                              "start the cluster (`ray start --head`) or fix --address / RAY_ADDRESS") from None
+
+
+def setup_local_worker() -> None:
+    """Runs in every worker of a local Ray (`worker_process_setup_hook`).
+
+    Local runs start no dashboard, so Ray Train's placement-group cleaner cannot reach the State
+    API and would warn every second of a run (it has nothing to clean up here: the whole local
+    Ray stops with the driver). And Ray Serve replicas open their inter-deployment gRPC server
+    on every interface ('[::]:0', hard-coded in Ray 2.60): on a local Ray it binds to loopback."""
     import logging
+    import threading
+    import warnings
+
+    import ray._common.tls_utils as tls_utils
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # With another local Ray on the machine the cleaner's thread dies on "Found multiple active
+    # Ray instances" (a 26-line traceback); a local run has nothing for it to clean up.
+    default_hook = threading.excepthook
+    threading.excepthook = lambda args: (None if args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor"
+                                         else default_hook(args))
+    # Ray Train's DatasetManager sets a Ray Data option Ray itself deprecated: nothing to act on here
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
+                            category=DeprecationWarning)
+    add_port = tls_utils.add_port_to_grpc_server
+
+    def add_port_on_loopback(server, address: str):
+        return add_port(server, "127.0.0.1:" + address[len("[::]:"):] if address.startswith("[::]:") else address)
+
+    tls_utils.add_port_to_grpc_server = add_port_on_loopback  # before ray.serve imports it into the replica

@@ -1,25 +1,38 @@
 """Ray Jobs: `ms-ray submit CONFIG --address http://HEAD:8265 [--follow]` and `ms-ray jobs ...`.
 
-The job runs the same `ms-ray` command on the cluster, with the working directory uploaded by
-Ray (minus EXCLUDES). The config is validated here first, and the upload is sized here first: a
-package over Ray's limit is refused before anything leaves this machine, naming the biggest files.
-Token auth (Ray >= 2.52): the token comes from --token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token, the places Ray itself reads.
+`ms-ray submit` runs a train, prepare, tokenizer (train), eval or compare config as a Ray Job:
+the command that config belongs to (`command_for`) runs on the cluster as `python -m ms_ray.cli
+...` in the working directory Ray uploads, so a cluster without ms_ray installed runs this
+checkout. The config is validated here first, and the upload is listed and sized here first with
+Ray's own walk and matcher (`package_files`): a package over Ray's limit is refused before
+anything leaves this machine, naming the biggest files.
+
+EXCLUDES are Ray `excludes` patterns: gitignore-style, matched against the path relative to the
+working directory. A leading "/" anchors a pattern at the working-directory root ("/data" is the
+top-level data folder only, never `ms_ray/data/`); a pattern without a "/" matches a name at any
+depth. Ray adds its default excludes (.git, .venv, venv, __pycache__) and .gitignore / .rayignore.
+
+The dashboard is probed first with short timeouts: an address where nothing answers fails in
+seconds, naming the address. Token auth (Ray >= 2.52): the token comes from --token,
+RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the places Ray itself reads.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import logging
 import os
 import shlex
+import socket
 import time
 from pathlib import Path
 
-EXCLUDES = [  # never uploaded: history, environments, outputs, caches, data
-    ".git", ".venv", "venv", "runs", "wandb", ".cache", "checkpoints", "data", "__pycache__", "*.pyc",
-    ".pytest_cache", "node_modules", "*.safetensors", "*.pt", "*.bin", "*.parquet",
+EXCLUDES = [  # never uploaded. "/x": the top-level x only (ms_ray/data/ is code); "x": x at any depth
+    "/runs", "/wandb", "/checkpoints", "/data",  # outputs and data at the root (the configs' defaults)
+    ".git", ".venv", "venv", ".cache", "__pycache__", "*.pyc", ".pytest_cache", "node_modules",
+    "*.safetensors", "*.pt", "*.bin", "*.parquet",  # weights and shards, wherever they are
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PROBE_TIMEOUT_S = 10  # connecting to the dashboard (or the GCS of a host:port address)
 
 
 class SubmitError(RuntimeError):
@@ -32,28 +45,53 @@ def package_limit_bytes() -> int:
     return GCS_STORAGE_MAX_SIZE
 
 
-def excluded(rel: str, name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in patterns)
+def ray_excludes(patterns=EXCLUDES) -> list[str]:
+    """The patterns Ray applies to a working_dir uploaded with `excludes=patterns`: its default
+    excludes first (RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES changes them), as
+    ray._private.runtime_env.working_dir.upload_working_dir_if_needed combines them."""
+    from ray._private import ray_constants
+
+    return ray_constants.get_runtime_env_default_excludes() + list(patterns)
+
+
+def include_gitignore() -> bool:
+    """Whether Ray's job client honours .gitignore files (as JobSubmissionClient decides it)."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+
+    return os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
 
 
 def package_files(root: Path, patterns=EXCLUDES) -> list[tuple[int, str]]:
-    """(size, relative path) of every file Ray would upload, biggest first (an upper bound:
-    Ray also skips what .gitignore lists)."""
+    """(size, relative path) of every file Ray uploads for working_dir=root with
+    excludes=patterns, biggest first. Ray's own walk and matcher (packaging._dir_travel and
+    _get_excludes: gitwildmatch patterns against the path relative to root, its default excludes,
+    .gitignore and .rayignore at every level), so this is the zip's file list, not a guess."""
+    from ray._private.runtime_env import packaging
+
+    root = Path(root).absolute()
     files = []
-    for folder, dirs, names in os.walk(root):
-        rel_folder = os.path.relpath(folder, root)
-        dirs[:] = [d for d in dirs if not excluded(os.path.normpath(os.path.join(rel_folder, d)), d, patterns)]
-        for name in names:
-            rel = os.path.normpath(os.path.join(rel_folder, name))
-            path = os.path.join(folder, name)
-            if not excluded(rel, name, patterns) and os.path.isfile(path):
-                files.append((os.path.getsize(path), rel))
+
+    def handler(path: Path):
+        if path.is_file():  # what packaging._zip_files writes (plus empty folders, 0 bytes)
+            files.append((path.stat().st_size, path.relative_to(root).as_posix()))
+
+    packaging._dir_travel(root, [packaging._get_excludes(root, ray_excludes(patterns))], handler,
+                          include_gitignore=include_gitignore(), logger=logging.getLogger(__name__))
     return sorted(files, reverse=True)
 
 
 def check_package(root: Path, limit: int, patterns=EXCLUDES) -> int:
+    """The upload's size in bytes; refused over `limit`, or when it would leave out part of the
+    ms_ray package in root (the job runs `python -m ms_ray.cli` from it)."""
     files = package_files(root, patterns)
     total = sum(size for size, _ in files)
+    if (Path(root) / "ms_ray" / "__init__.py").is_file():
+        code = {p.relative_to(root).as_posix() for p in Path(root, "ms_ray").rglob("*.py")
+                if "__pycache__" not in p.parts}
+        if left_out := sorted(code - {rel for _, rel in files}):
+            raise SubmitError(f"the upload of {root} would leave out {len(left_out)} ms_ray source file(s), e.g. "
+                              f"{', '.join(left_out[:3])}: a pattern in the excludes, .gitignore or .rayignore "
+                              "matches them (anchor it at the root with a leading /)")
     if total > limit:
         biggest = "\n".join(f"  {size / 2**20:9.1f} MiB  {rel}" for size, rel in files[:5])
         raise SubmitError(
@@ -73,10 +111,40 @@ def use_token(token: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the address, where nothing answers: Ray's job client sends its
+    first request without a timeout (a port that accepts but never answers hangs it for good)
+    and resolves a host:port address through the GCS with ~40 s of retries. RAY_API_SERVER_ADDRESS
+    and RAY_ADDRESS replace `address`, as they do for Ray's client."""
+    import httpx
+
+    effective = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or address
+    named = address if effective == address else f"{effective} (from the environment; --address {address})"
+    if effective.startswith(("http://", "https://")):
+        try:  # any HTTP answer will do (401 included): the token is checked by Ray's own client
+            httpx.get(effective.rstrip("/") + "/api/version", timeout=timeout_s)
+        except httpx.HTTPError as e:
+            raise SubmitError(f"cannot reach the Ray dashboard at {named}: {type(e).__name__}: {e or 'no answer'} "
+                              f"(within {timeout_s:.0f} s). Is the head up and the URL http://HEAD:8265?") from None
+        return
+    if "://" in effective:  # ray://...: Ray's client resolves it
+        return
+    from ray._private import services
+
+    try:
+        host_port = services.canonicalize_bootstrap_address_or_die(effective)  # "auto": the local cluster's
+        host, port = host_port.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError, ConnectionError) as e:
+        raise SubmitError(f"cannot reach the Ray cluster at {named}: {type(e).__name__}: {e}. Jobs go to the "
+                          "dashboard: --address http://HEAD:8265") from None
+
+
 def client(address: str, token: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     use_token(token)
+    probe(address)
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # connection refused, 401, wrong URL

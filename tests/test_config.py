@@ -29,7 +29,7 @@ def test_file_errors(tmp_path):
         load_config(DemoConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml:1:17: not valid YAML"):
         load_config(DemoConfig, bad)
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

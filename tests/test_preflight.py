@@ -9,10 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def preflight(ray_head, *overrides):
-    return subprocess.run([sys.executable, "-m", "ms_ray.cli", "preflight", "jobs/tiny.yaml", *overrides,
-                           "--address", ray_head["gcs"]], cwd=ROOT, env=ray_head["env"] | {"WANDB_MODE": "offline"},
-                          capture_output=True, text=True, timeout=300)
+def preflight(ray_head, *overrides, config="jobs/tiny.yaml", env=None):
+    env = env if env is not None else ray_head["env"] | {"WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "ms_ray.cli", "preflight", config, *overrides,
+                           "--address", ray_head["gcs"]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
@@ -55,16 +56,53 @@ def test_wandb_check_offline_reachable_unreachable_and_missing_key(monkeypatch):
         assert check_wandb("auto")[0] is True
         monkeypatch.delenv("WANDB_MODE")
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
-        ok, why = check_wandb("auto")
-        assert not ok and "WANDB_API_KEY" in why and "offline" in why
+        ok, why = check_wandb("auto")  # a plain local setup: auto without a key runs offline (tracking.wandb_mode)
+        assert ok and "offline" in why and "no WANDB_API_KEY" in why
+        assert check_wandb("disabled")[0] is True
+        ok, why = check_wandb("online")  # asked for online without a key: the run would fail
+        assert not ok and "WANDB_API_KEY" in why and "wandb.mode=auto/offline" in why
         monkeypatch.setenv("WANDB_API_KEY", "dummy")
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-        assert check_wandb("auto") == (True, f"http://127.0.0.1:{server.server_port} reachable")
+        assert check_wandb("auto") == (True, "wandb.mode=auto -> online (WANDB_API_KEY set): "
+                                             f"http://127.0.0.1:{server.server_port} reachable")
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed}")
         ok, why = check_wandb("online")
-        assert not ok and "unreachable" in why and "WANDB_MODE=offline" in why
+        assert not ok and "unreachable" in why and "wandb.mode=offline" in why
+        monkeypatch.setenv("WANDB_MODE", "offline")  # ignored by the run when it resolves to online (an explicit
+        assert check_wandb("auto")[0] is False      # mode= wins over WANDB_MODE in wandb.init): not a pass either
     finally:
         server.shutdown()
+
+
+def test_backend_needs_nccl_on_gpu_nodes_and_at_least_one_gpu():
+    from ms_ray.preflight import check_backend
+
+    cpu = {"gpus": 0, "nccl": False, "gloo": True}
+    gpu = {"gpus": 8, "nccl": True, "gloo": True}
+    assert check_backend(False, {"a": cpu}) == (True, "gloo available on every node")
+    ok, why = check_backend(True, {"a": cpu})  # no GPU anywhere: nccl cannot work
+    assert not ok and "nccl unavailable" in why and "a=0" in why and "scaling.use_gpu=false" in why
+    ok, why = check_backend(True, {"head": cpu, "w1": gpu})  # a CPU-only head runs no GPU worker
+    assert ok and "1 GPU node(s)" in why and "head" in why
+    ok, why = check_backend(True, {"head": cpu, "w1": gpu | {"nccl": False}})
+    assert not ok and "['w1']" in why
+    assert check_backend(False, {"a": cpu | {"gloo": False}})[0] is False
+
+
+@pytest.mark.slow
+def test_gpu_preset_on_a_cpu_cluster_creates_nothing_and_fails_storage_gpus_and_nccl(ray_head, tmp_path):
+    """The GPU preset where /mnt/shared is not mounted (here: a deep storage path under tmp whose
+    top folder does not exist) and no node has a GPU; W&B as on a plain local setup (auto, no key)."""
+    storage = tmp_path / "mnt" / "shared" / "runs"
+    env = {k: v for k, v in ray_head["env"].items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    run = preflight(ray_head, f"run.storage={storage}", config="jobs/qwen3-0.6b-zero2.yaml", env=env)
+    assert run.returncode == 1, run.stdout + run.stderr[-3000:]
+    assert not (tmp_path / "mnt").exists()  # nothing created above the storage's existing ancestor
+    status = {w[1]: w[0] for w in (line.split() for line in run.stdout.splitlines() if line.startswith("  "))}
+    assert status == {"storage": "FAIL", "versions": "ok", "gpus": "FAIL", "backend": "FAIL", "wandb": "ok"}, run.stdout
+    assert f"{tmp_path / 'mnt'} does not exist on node" in run.stdout and "Mount the shared storage" in run.stdout
+    assert "nccl unavailable: no node has a GPU" in run.stdout
+    assert "wandb.mode=auto -> offline (no WANDB_API_KEY)" in run.stdout

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ms_ray.submit import EXCLUDES, SubmitError, check_package, command_for, package_files
+from ms_ray.submit import EXCLUDES, SubmitError, check_package, command_for, package_files, probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,58 @@ def test_package_excludes_and_size(tmp_path):
 
 
 def test_each_config_kind_becomes_its_own_command():
-    assert command_for("jobs/tiny.yaml", ["optim.max_steps=5"]) == "python -m ms_ray.cli train jobs/tiny.yaml optim.max_steps=5"
+    assert command_for("jobs/tiny.yaml", ["optim.max_steps=500"]) == "python -m ms_ray.cli train jobs/tiny.yaml optim.max_steps=500"
     assert command_for("jobs/compare-tiny.yaml", []) == "python -m ms_ray.cli compare jobs/compare-tiny.yaml"
     # eval's positional argument is the checkpoint: the config goes by --config
     assert command_for("jobs/eval.yaml", ["checkpoint=/mnt/shared/x"]) == \
         "python -m ms_ray.cli eval --config jobs/eval.yaml checkpoint=/mnt/shared/x"
     with pytest.raises(SubmitError, match="not a train, prepare, tokenizer, compare or eval config"):
         command_for("serve/local.yaml", [])
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_address_fails_in_seconds_naming_it(monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    port = closed_port()
+    with pytest.raises(SubmitError, match=f"cannot reach the Ray dashboard at http://127.0.0.1:{port}: ConnectError"):
+        probe(f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(SubmitError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}.*http://HEAD:8265"):
+        probe(f"127.0.0.1:{port}")  # a GCS address: Ray's client retried it for ~40 s
+    assert time.monotonic() - started < 5
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers: Ray's client hangs for good
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(SubmitError, match=f"at {url}: ReadTimeout.*within 1 s"):
+            probe(url, timeout_s=1)
+        assert time.monotonic() - started < 5
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")  # Ray's client lets the environment win: say so
+    env_named = f"127.0.0.1:{port} \\(from the environment; --address http://elsewhere:8265\\)"
+    with pytest.raises(SubmitError, match=env_named):
+        probe("http://elsewhere:8265")
+
+
+def test_submit_and_jobs_against_nothing_exit_2_naming_the_address():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    port = closed_port()
+    for args, named in ((["submit", "jobs/tiny.yaml", "--address", f"http://127.0.0.1:{port}"],
+                         f"http://127.0.0.1:{port}"),
+                        (["jobs", "list", "--address", f"127.0.0.1:{port}"], f"127.0.0.1:{port}")):
+        run = ms_ray(*args, env=env, timeout=120)  # ~1 s each on an idle machine (jobs list: 42 s before)
+        assert run.returncode == 2 and named in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -21,11 +21,10 @@ from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .export import FORMAT_FILE, STREAM_EMBED_FILE
 from .streams import StreamSchema, TableError, check_table, next_row_labels
 
 ATTN_IMPL = "ms_ray"  # registered below; dispatches on the type of the mask it is given
-STREAM_EMBED_FILE = "stream_embeddings.safetensors"
-FORMAT_FILE = "ms_ray.json"
 FORMAT_VERSION = 1
 IGNORE = -100
 
@@ -251,3 +250,4 @@ class MultiStreamLM(nn.Module):
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
             base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         return cls(base, schema.bind(tokenizer), attention), tokenizer
+

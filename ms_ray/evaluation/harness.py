@@ -53,9 +53,11 @@ class Episode:
     tool: list[dict] = field(default_factory=list)  # calls made: call/result text, rows
 
 
-def run_episodes(model, episodes: list[Episode], batch_sessions: int) -> None:
+def run_episodes(model, episodes: list[Episode], batch_sessions: int,
+                 progress: Callable[[int], None] | None = None) -> None:
     """Greedy-decode every episode (at most `batch_sessions` at once, one batched forward per
-    row); fills each episode's rows and times in place."""
+    row); fills each episode's rows and times in place. `progress(done)` is told the number of
+    finished episodes after every step."""
     if batch_sessions < 1:
         raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
     decoder = RowDecoder(model, max_sessions=batch_sessions)
@@ -78,6 +80,8 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int) -> None:
                 ep.times.append(now)
                 if ep.on_row is not None:
                     ep.on_row(ep, len(ep.rows) - 1, row.tokens)
+            if progress is not None:
+                progress(len(episodes) - len(waiting) - len(decoder.sessions))
 
 
 # ---- the two layouts ----------------------------------------------------------------------
@@ -210,17 +214,25 @@ def score(layout: Layout, ep: Episode, example: Example) -> dict:
     return rec
 
 
-def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1, slack_rows: int = 8) -> list[dict]:
-    """Decode and score `examples` with a streams or a sequential skills model; one record each."""
+def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1, slack_rows: int = 8,
+             progress: bool = False) -> list[dict]:
+    """Decode and score `examples` with a streams or a sequential skills model; one record each.
+    progress: show examples done / total, rate and ETA on stderr (a bar on a terminal, else a
+    line every 30 s and one at the end)."""
+    from ..train.tracking import Progress
+
     if not examples:
         raise ValueError("evaluate needs at least one example")
     layout = Layout(model.schema, tokenizer)
     episodes = [layout.episode(str(i), ex, slack_rows) for i, ex in enumerate(examples)]
     was_training = model.training
+    shown = Progress(len(episodes), f"eval ({layout.kind})") if progress else None
     try:
-        run_episodes(model, episodes, batch_sessions)
+        run_episodes(model, episodes, batch_sessions, shown.update if shown else None)
     finally:
         model.train(was_training)
+        if shown:
+            shown.close()
     return [score(layout, ep, ex) for ep, ex in zip(episodes, examples)]
 
 

@@ -33,7 +33,8 @@ def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
 
     model, tokenizer = load_export(checkpoint, dtype="float32")  # scored in fp32 on any device
     started = time.perf_counter()
-    records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), cfg.batch_sessions, cfg.slack_rows)
+    records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), cfg.batch_sessions, cfg.slack_rows,
+                       progress=True)
     info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,
             "parameters": sum(p.numel() for p in model.parameters()), "eval_seconds": time.perf_counter() - started}
     return records, info

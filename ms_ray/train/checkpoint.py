@@ -5,19 +5,47 @@ A checkpoint folder, as Ray Train merges it from all ranks:
   rank{r}.json        step, data position (epoch, batch), W&B run id
   rank{r}_rng.pt      torch / numpy / python RNG states of rank r
 Ray Train registers a checkpoint only once every rank has reported it, so a half-written one
-never counts. The export is one MultiStreamLM folder (HF safetensors + schema + tokenizer).
+never counts. The export is one MultiStreamLM folder (HF safetensors + schema + tokenizer); a
+state dict with a NaN or an infinity is never exported (`NonFiniteWeights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .tracking import TrainingDiverged
+
 TAG = "ckpt"
+
+
+class NonFiniteWeights(TrainingDiverged):
+    """A state dict holds NaN or infinite values: the run diverged; refused for export."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        RuntimeError.__init__(self, f"export refused: {record['what']}; the run diverged: export an earlier "
+                                    f"checkpoint (ms-ray export --checkpoint) or retrain with a lower optim.lr")
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(state_dict: dict) -> None:
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteWeights({"what": f"{len(bad)} of {len(state_dict)} weight tensors are not finite ({shown})",
+                                "tensors": bad})
 
 
 def save_state(folder: Path, engine, rank: int, state: dict) -> None:
@@ -51,14 +79,33 @@ def full_state_dict(engine, zero_stage: int) -> dict | None:
 
 
 def export_model(state_dict: dict, make_model, tokenizer, out: Path) -> Path:
-    """Write a consolidated MultiStreamLM folder from a full state dict (rank 0)."""
+    """Write a consolidated MultiStreamLM folder from a full state dict (rank 0); refuses one
+    with non-finite values (NonFiniteWeights) before writing anything."""
+    check_finite(state_dict)
     model = make_model()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"base.lm_head.weight"} if model.base.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"export: state dict does not match the model (missing {missing}, unexpected {unexpected})")
     model.base.tie_weights()
-    return model.save_pretrained(out, tokenizer)
+    with hf_bars_on_terminals_only():  # "Writing model shards"
+        return model.save_pretrained(out, tokenizer)
+
+
+@contextlib.contextmanager
+def hf_bars_on_terminals_only():
+    """transformers' progress bars ("Loading weights", "Writing model shards") only where they
+    can redraw in place; in a worker or a log they are a line of carriage returns each."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, make_model, tokenizer) -> Path:
@@ -78,5 +125,6 @@ def load_export(folder, device: str = "auto", dtype: str = "auto"):
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = MultiStreamLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    with hf_bars_on_terminals_only():  # "Loading weights"
+        model = MultiStreamLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, load_tokenizer(folder, model.schema)

@@ -7,6 +7,7 @@ schema against the data's manifest), so a mistake costs seconds, not a cluster s
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,13 +17,53 @@ def run_dir_of(cfg) -> Path:
 
 
 def check_data(cfg) -> dict | None:
-    """The data's manifest, checked against the config's schema; None when it is still to be
-    prepared (data.prepare). Needs no Ray: mistakes surface before anything starts."""
+    """The data's manifest, checked against the config's schema and the batch the workers
+    need; None when it is still to be prepared (data.prepare). Needs no Ray: mistakes surface
+    before anything starts."""
+    from ..config import ConfigError
     from ..data.pipeline import MANIFEST, load_manifest
 
     if cfg.data.prepare and not (Path(cfg.data.path) / MANIFEST).exists():
         return None
-    return load_manifest(cfg.data.path, cfg.schema_.build(), f"train config {cfg.run.name}")
+    manifest = load_manifest(cfg.data.path, cfg.schema_.build(), f"train config {cfg.run.name}")
+    packs, workers, batch = manifest["splits"]["train"]["packs"], cfg.scaling.num_workers, cfg.data.batch_size
+    if packs < workers * batch:
+        raise ConfigError(f"data.batch_size: {cfg.data.path} has {packs} training packs, fewer than "
+                          f"scaling.num_workers x data.batch_size = {workers} x {batch}: prepare more data or lower them")
+    return manifest
+
+
+def check_resources(cfg) -> None:
+    """A local run must fit this machine: workers beyond its CPUs (or GPUs) would start, fight
+    for memory and fail after a minute."""
+    from ..config import ConfigError
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster: Ray Train waits for (or autoscales to) the resources
+    want, have = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, os.cpu_count() or 1
+    if want > have:
+        raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU "
+                          f"need {want} CPUs, this machine has {have}: lower scaling.num_workers, or join a cluster "
+                          f"with --address")
+    if cfg.scaling.use_gpu:
+        import torch
+
+        if torch.cuda.device_count() < cfg.scaling.num_workers:
+            raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need as many GPUs, this machine has "
+                              f"{torch.cuda.device_count()}: set scaling.use_gpu=false or join a GPU cluster with --address")
+
+
+def latest_checkpoint(cfg) -> tuple[Path, int] | None:
+    """(folder, step) of the newest complete checkpoint of the run, or None."""
+    import json
+
+    found = []
+    for folder in run_dir_of(cfg).glob("checkpoint_*"):
+        try:
+            found.append((json.loads((folder / "rank0.json").read_text())["step"], folder))
+        except (OSError, ValueError, KeyError):
+            continue  # not a complete checkpoint
+    return (max(found)[1], max(found)[0]) if found else None
 
 
 def prepare_data(cfg) -> dict:
@@ -39,17 +80,20 @@ def train(cfg) -> dict:
     from ..ray_env import init_ray
 
     started = time.perf_counter()
+    check_resources(cfg)
     manifest = check_data(cfg)
     # A local cluster gets one logical CPU beyond the workers' so Ray Data can read the shards
     # while every worker holds its CPU (otherwise the read waits forever on a 2-core machine).
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, workers_cpus + 1))
     manifest = manifest or prepare_data(cfg)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .evaluate import format_skill_table
     from .loop import train_worker
+    from .loopback import LoopbackTorchConfig
+    from .tracking import fit_checked
 
     from ..data.pipeline import pack_dataset
 
@@ -61,21 +105,25 @@ def train(cfg) -> dict:
         datasets["validation"] = datasets["train"].limit(0)
     run_dir = run_dir_of(cfg)
     scaling = cfg.scaling
+    remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump_json(by_alias=True), "run_dir": str(run_dir), "data_dir": str(data_dir)},
+        train_loop_config={"cfg": cfg.model_dump_json(by_alias=True), "run_dir": str(run_dir), "data_dir": str(data_dir),
+                           "tty": sys.stdout.isatty() and sys.stderr.isatty()},  # rank 0 draws a progress bar
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=(TorchConfig if remote else LoopbackTorchConfig)(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # Ray Train's INFO lines (worker group, process group, every checkpoint) stay in its log files
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank picks its packs (see loop.rank_packs)
     )
-    result = trainer.fit()
+    result = fit_checked(trainer, run_dir)  # TrainingDiverged: stopped, nothing exported
     metrics = dict(result.metrics or {})
     wall = time.perf_counter() - started
     loop_s = metrics.get("time/train_loop_s", float("nan"))
@@ -83,8 +131,8 @@ def train(cfg) -> dict:
           f"with start-up ({scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision})")
     if any(k.startswith("skills/") for k in metrics):
         print(format_skill_table(metrics))
-    if "val/loss" in metrics:
-        print(f"validation loss {metrics['val/loss']:.4f}; export: {run_dir / 'export'}")
+    val = f"validation loss {metrics['val/loss']:.4f}; " if "val/loss" in metrics else ""
+    print(f"{val}export: {run_dir / 'export'}")
     metrics["wall_s"] = wall
     return metrics
 
@@ -98,10 +146,10 @@ def export(cfg, checkpoint: str | None, out: str | None) -> Path:
 
     run_dir = run_dir_of(cfg)
     if checkpoint is None:
-        found = sorted((p for p in run_dir.glob("checkpoint_*") if (p / "ds").is_dir()), key=os.path.getmtime)
-        if not found:
+        found = latest_checkpoint(cfg)
+        if found is None:
             raise FileNotFoundError(f"no checkpoint under {run_dir}; train first or pass --checkpoint")
-        checkpoint = str(found[-1])
+        checkpoint = str(found[0])
     manifest = load_manifest(cfg.data.path)
     schema = cfg.schema_.build()
     tokenizer = load_tokenizer(Path(cfg.data.path) / manifest["tokenizer"]["path"], schema)

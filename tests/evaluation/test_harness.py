@@ -123,3 +123,14 @@ def test_random_models_score_low_and_the_summary_covers_every_task(streams_model
 def test_a_model_that_is_not_a_skills_model_is_refused(model):
     with pytest.raises(ValueError, match="not a skills model"):
         layout_of(model.schema)
+
+
+def test_progress_counts_finished_examples_and_ends_with_a_summary_line(streams_model, examples, tok, capsys):
+    seen = []
+    run_episodes(streams_model, [Layout(streams_model.schema, tok).episode(str(i), ex, 2) for i, ex in enumerate(examples)],
+                 batch_sessions=3, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == N and max(seen) == N  # monotone, all done at the end
+    records = evaluate(streams_model, tok, examples[:4], batch_sessions=2, slack_rows=2, progress=True)
+    captured = capsys.readouterr()
+    assert len(records) == 4 and captured.out == ""  # progress goes to stderr; stdout stays the report's
+    assert captured.err.splitlines()[-1].startswith("eval (streams): 4/4 examples | ") and "done in" in captured.err

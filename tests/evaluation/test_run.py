@@ -45,7 +45,7 @@ def test_eval_scores_a_checkpoint_and_writes_the_report(layout, tmp_path, sch, t
 
 def test_eval_refuses_a_missing_checkpoint_or_one_that_is_not_a_skills_model(tmp_path, bound, tokenizer, capsys):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
-    assert "nothing is not a folder" in capsys.readouterr().err
+    assert "nothing does not exist: give an exported model folder" in capsys.readouterr().err
     make_model(bound, len(tokenizer)).save_pretrained(tmp_path / "chat", tokenizer=tokenizer)  # user/think/output
     assert main(["eval", str(tmp_path / "chat"), f"output={tmp_path / 'out'}"]) == 2
     assert "not a skills model: streams ['user', 'think', 'output']" in capsys.readouterr().err

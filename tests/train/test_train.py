@@ -134,3 +134,29 @@ def test_schema_that_does_not_match_the_data_fails_before_any_worker(data_dir, t
     err = capsys.readouterr().err
     assert "stream schemas differ between train config tiny and data set" in err and "['user', 'output']" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_divergence_stops_at_once_keeps_the_last_checkpoint_and_exports_nothing(data_dir, tmp_path, capsys):
+    """Weight decay 1e9 at lr 1 (the largest the config allows) blows the weights up after the
+    first update, so the loss / gradient norm is non-finite from step 2 on. Every rank stops at
+    the same step; the CLI prints one line and exits 1; Ray Train does not retry (max_failures
+    2: one W&B session only); the checkpoint of step 1 stays, nothing is exported."""
+    import json
+
+    args = ["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", "data.batch_size=2",
+            f"run.storage={tmp_path}", "run.name=nan", "optim.max_steps=20", "optim.warmup_steps=5", "run.log_every=1",
+            "checkpoint.every=1", "eval.every=1000", "eval.skills_per_task=4", "wandb.mode=offline",
+            "optim.lr=1.0", "optim.weight_decay=1e9", "run.max_failures=2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("ms-ray train: training diverged at step 2: ") and err[0].endswith(
+        "(lr 4.00e-01, optim.lr 1); last good checkpoint at step 1 kept; lower optim.lr"), err[0]
+    run_dir = tmp_path / "nan"
+    record = json.loads((run_dir / "diverged.json").read_text())
+    assert record["step"] == 2 and record["what"] in ("loss", "grad norm") and record["value"] in ("nan", "inf")
+    assert not (run_dir / "export").exists() and not (run_dir / "export_probe.pt").exists()
+    (kept,) = [p for p in run_dir.glob("checkpoint_*") if (p / "ds").is_dir()]
+    assert json.loads((kept / "rank0.json").read_text())["step"] == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # no retry
+    assert set(read_metrics(run_dir)) == {1}  # nothing logged after step 1

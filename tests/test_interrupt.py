@@ -1,0 +1,82 @@
+"""Ctrl-C as a person presses it (SIGINT to the command's whole process group, as a terminal
+sends it): exit code 130 and, as the last line, what was kept."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ms_ray.data.pipeline import load_manifest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.Popen([sys.executable, "-m", "ms_ray.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen) -> tuple[int, str]:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def wait_for(predicate, proc, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupt") / "data"
+    proc = start(["prepare", "jobs/data-skills.yaml", f"output={out}", "sources=[{kind: skills, examples: 300}]"])
+    assert proc.wait(300) == 0, proc.communicate()[0][-3000:]
+    return out
+
+
+def test_ctrl_c_during_training_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
+    args = ["train", "jobs/tiny.yaml", f"data.path={data}", "data.prepare=null", "data.batch_size=1",
+            "optim.max_steps=100000", "optim.warmup_steps=1", "checkpoint.every=3", "eval.every=100000",
+            "eval.skills_per_task=0", f"run.storage={tmp_path}", "run.name=ctrlc", "wandb.mode=disabled"]
+    proc = start(args)
+    wait_for(lambda: any((p / "rank0.json").exists() for p in (tmp_path / "ctrlc").glob("checkpoint_*")), proc, 300)
+    code, out = ctrl_c(proc)
+    last = out.strip().splitlines()[-1]
+    assert code == 130, out[-3000:]
+    assert last.startswith("ms-ray train: interrupted; checkpoint of step ") and "run the same command to resume" in last
+    kept = int(last.split("checkpoint of step ")[1].split()[0])
+    assert kept >= 3 and kept % 3 == 0
+    # the same command resumes from it
+    proc = start([a.replace("max_steps=100000", f"max_steps={kept + 2}") for a in args])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resumed from step {kept}" in out
+
+
+def test_ctrl_c_during_prepare_leaves_the_old_data_set(data):
+    before = load_manifest(data)
+    proc = start(["prepare", "jobs/data-skills.yaml", f"output={data}",
+                  "sources=[{kind: skills, examples: 50000, shards: 2}]"])
+    time.sleep(12)  # Ray is up and the shards are being written
+    code, out = ctrl_c(proc)
+    assert code == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == (f"ms-ray prepare: interrupted; the data set in {data} is as it was "
+                                            "before (a new one is swapped in only when complete)")
+    assert load_manifest(data) == before
+    for split in ("train", "validation"):
+        for name in before["splits"][split]["files"]:
+            assert (data / name).is_file()
