@@ -15,7 +15,7 @@ from .submit import SubmitError
 from .train.tracking import TrainingDiverged
 
 REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)
-FAILED = (PrepareError, TrainingDiverged)  # the work ran and stopped for a stated reason
+FAILED = (PrepareError, TrainingDiverged)  # the work ran and stopped for a stated reason; what was kept is said
 
 
 def demo(cfg: DemoConfig) -> list:

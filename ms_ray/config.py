@@ -196,6 +196,8 @@ class PrepareConfig(Strict):
     output: str
     seed: int = 0
     max_drop_share: float = Field(0.05, ge=0, le=1)  # fail (after writing) above this share
+    # fail (before the new set is swapped in) when more of a source's tokens are unknown to the tokenizer
+    max_unknown_share: float = Field(0.01, ge=0, le=1)
     address: str | None = None  # a running Ray cluster; default: start a local one
 
     @model_validator(mode="after")

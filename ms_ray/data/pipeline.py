@@ -10,17 +10,32 @@
   3. the driver writes the manifest: schema, tokenizer hash, counts, silence share per stream,
      source -> split, and every dropped line with its reason (also in dropped.jsonl).
 Deterministic for a seed: ids, splits and packing order depend on content only, never on
-scheduling. It fails at the end (after writing) only if more than `max_drop_share` of the
-inputs were dropped.
+scheduling.
+
+Safe by default: the new set is written into a hidden staging folder beside `output`
+(`.NAME.staging-PID`, manifest last) and swapped in only when complete, in one atomic
+exchange where Linux allows it (else two renames, with a backup a killed run's successor
+restores). So `output` is always the complete old set or the complete new one, whatever
+kills the run; leftovers of killed runs are tidied by the next one. Refused before anything
+is read or written (PrepareRefused): an output that is a file, lies under a file, or is a
+non-empty folder other than a data set of ours; an empty input file; a source whose first
+conversations are mostly unknown to the tokenizer. Failed after reading, with the old set left
+as it was (PrepareError): a source that gave no examples or too many unknown tokens. Too many
+dropped inputs (over `max_drop_share`) fail after the set is swapped in, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import re
 import shutil
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,15 +44,20 @@ import numpy as np
 from ..core.streams import StreamSchema
 from .convert import convert
 from .packing import fit_length, pack_examples
-from .tables import Dropped, Example
+from .staging import MANIFEST, PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
+from .tables import Conversation, Dropped, Example
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: packs carry pack_id
 SPLITS = ("train", "validation")
+UNKNOWN_SAMPLE = 200  # input lines per source tokenized before Ray starts, to refuse early
+HEARTBEAT_S = 30.0  # a progress line at least this often while shards run (a shard can take minutes)
+__all__ = ["MANIFEST", "PrepareError", "PrepareRefused", "load_manifest", "pack_dataset", "prepare"]
 
 
 class PrepareError(RuntimeError):
-    """Too much input was dropped; the message names the reasons."""
+    """What was read is unusable (a source gave no examples or too many unknown tokens: the old
+    set is left as it was), or too much input was dropped (the set was written). The message
+    names the source or the reasons."""
 
 
 def stable_fraction(*parts) -> float:
@@ -135,8 +155,9 @@ def process_shard(task: dict, cfg_json: str, out_dir: str) -> dict:
     cfg = PrepareConfig.model_validate_json(cfg_json)
     schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
     label = cfg.sources[task["source"]].label
+    unk = tokenizer.unk_token_id  # None: the tokenizer cannot produce unknown tokens
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    dropped, index = [], []
+    dropped, index, tokens, unknown = [], [], 0, 0
     for item in source_items(cfg, task["source"], task["shard"], schema, tokenizer):
         if isinstance(item, Example):
             item = fit_length(item, cfg.packing.max_rows, cfg.packing.overflow)
@@ -144,13 +165,17 @@ def process_shard(task: dict, cfg_json: str, out_dir: str) -> dict:
             dropped.append({"source": label, "file": item.file or "", "line": -1 if item.line is None else item.line,
                             "reason": item.reason})
             continue
+        text = item.rows[item.rows != schema.silence_id]  # the cells that carry a token
+        tokens += int(text.size)
+        unknown += 0 if unk is None else int((text == unk).sum())
         split = "validation" if stable_fraction(cfg.seed, item.source, item.group) < cfg.split.validation_fraction else "train"
         by_split[split].append(item)
         index.append({"source": label, "group": item.group, "split": split, "policy": item.policy,
                       "truncated": "truncated_from_rows" in item.meta})
     files = [write_packs(by_split[s], Path(out_dir), s, f"{task['source']:02d}-{task['shard']:04d}", cfg.packing.max_rows, schema)
              for s in SPLITS if by_split[s]]
-    return {"report": json.dumps({"dropped": dropped, "index": index, "files": files})}
+    return {"report": json.dumps({"source": label, "source_index": task["source"], "shard": task["shard"],
+                                  "tokens": tokens, "unknown": unknown, "dropped": dropped, "index": index, "files": files})}
 
 
 def write_packs(examples: list[Example], out: Path, split: str, name: str, max_rows: int, schema) -> dict:
@@ -167,7 +192,7 @@ def write_packs(examples: list[Example], out: Path, split: str, name: str, max_r
         "used_rows": [p.used_rows for p in packs],
     })
     path = out / split / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # not parents: a task outliving a killed run must not recreate its staging folder
     pq.write_table(table, path)
     cells = np.concatenate([e.rows for e in examples])  # [rows, C], padding excluded
     return {"split": split, "file": f"{split}/{path.name}", "packs": len(packs), "examples": len(examples),
@@ -175,32 +200,49 @@ def write_packs(examples: list[Example], out: Path, split: str, name: str, max_r
 
 
 # ---- the whole pipeline ------------------------------------------------------------------
-def prepare(cfg, log=print) -> dict:
-    """Run the pipeline for a PrepareConfig; returns the manifest (also written to disk)."""
+def prepare(cfg, log=print, progress=None) -> dict:
+    """Run the pipeline for a PrepareConfig; returns the manifest (also written to disk).
+    `log` gets the final summary, `progress` one plain line per event (default: stderr)."""
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(cfg.output).expanduser().resolve()  # a symlinked output: replace what it points to
+    # a word-level tokenizer fed text it does not cover turns most of it into <|unk|>: refuse
+    max_unknown = cfg.max_unknown_share
+    # everything that can refuse does so here, before Ray starts and before a byte is written
+    check_output(out, cfg.output)
+    check_inputs(cfg)
+    schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
+    check_unknown_sample(cfg, schema, tokenizer, max_unknown)
     from ..ray_env import init_ray
 
-    ray = init_ray(cfg.address)
-    schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
-    out = Path(cfg.output)
-    for stale in [*(out / s for s in SPLITS), out / "tokenizer"]:
-        shutil.rmtree(stale, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    ray = init_ray(cfg.address)  # before any folder is made: a cluster that does not answer changes nothing
 
-    tasks = [{"source": i, "shard": k} for i, src in enumerate(cfg.sources) for k in range(src.shards)]
-    reports = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(
-        process_shard, fn_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True), "out_dir": str(out)}
-    ).take_all()
-    reports = [json.loads(r["report"]) for r in sorted(reports, key=lambda r: r["report"])]
-    dropped = [d for r in reports for d in r["dropped"]]
-    index = [i for r in reports for i in r["index"]]
-    stats = sorted((f for r in reports for f in r["files"]), key=lambda f: f["file"])
-
-    tokenizer.save_pretrained(out / "tokenizer")
-    manifest = build_manifest(cfg, schema, tokenizer, index, stats, dropped)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    with open(out / "dropped.jsonl", "w") as f:
-        for d in dropped:
-            f.write(json.dumps(d) + "\n")
+    created = [p for p in out.parents if not p.exists()]  # deepest first; removed again if the run fails
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with parent_lock(out.parent):
+        recover(out, progress)
+    staging = sibling(out, "staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        reports = run_shards(ray, cfg, staging, progress)
+        per_source = check_sources(cfg, reports, max_unknown)
+        dropped = [d for r in reports for d in r["dropped"]]
+        index = [i for r in reports for i in r["index"]]
+        stats = sorted((f for r in reports for f in r["files"]), key=lambda f: f["file"])
+        tokenizer.save_pretrained(staging / "tokenizer")
+        with open(staging / "dropped.jsonl", "w") as f:
+            for d in dropped:
+                f.write(json.dumps(d) + "\n")
+        manifest = build_manifest(cfg, schema, tokenizer, index, stats, dropped, per_source)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: the set is complete
+        with parent_lock(out.parent):
+            swap_in(staging, out, cfg.output)
+    except BaseException:  # Ctrl-C included: the old set was never touched
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty (anymore): someone else's now
+                folder.rmdir()
+        raise
     log(format_summary(manifest, dropped))
     total = manifest["counts"]["examples"] + len(dropped)
     if total and len(dropped) / total > cfg.max_drop_share:
@@ -211,7 +253,116 @@ def prepare(cfg, log=print) -> dict:
     return manifest
 
 
-def build_manifest(cfg, schema, tokenizer, index, stats, dropped) -> dict:
+def run_shards(ray, cfg, staging: Path, progress) -> list[dict]:
+    """Run every (source, shard) task, writing into `staging`; a progress line as each one
+    finishes (streamed, not take_all, so they come in completion order) and a heartbeat between.
+    Returns the tasks' reports in (source, shard) order."""
+    tasks = [{"source": i, "shard": k} for i, src in enumerate(cfg.sources) for k in range(src.shards)]
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(
+        process_shard, fn_kwargs={"cfg_json": cfg.model_dump_json(by_alias=True), "out_dir": str(staging)})
+    progress(f"prepare: {len(tasks)} shard(s) from {len(cfg.sources)} source(s) -> {cfg.output}")
+    start, reports = time.monotonic(), []
+
+    def beat():
+        progress(f"prepare: {len(reports)}/{len(tasks)} shards done, {time.monotonic() - start:.0f} s")
+
+    with heartbeat(beat, HEARTBEAT_S):
+        for row in ds.iter_rows():
+            r = json.loads(row["report"])
+            reports.append(r)
+            progress(f"prepare: shard {len(reports)}/{len(tasks)} done ({r['source']} {r['shard'] + 1}/"
+                     f"{cfg.sources[r['source_index']].shards}): {len(r['index'])} examples, "
+                     f"{len(r['dropped'])} dropped, {time.monotonic() - start:.0f} s")
+    return sorted(reports, key=lambda r: (r["source_index"], r["shard"]))
+
+
+@contextlib.contextmanager
+def heartbeat(say, every: float):
+    """Call `say` every `every` seconds until the block ends (so a long shard is not silence)."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(every):
+            say()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---- input checks: before Ray where cheap, else after reading (the old set kept) -----------
+def where(src) -> str:
+    return f"source {src.label!r}" + (f" (file {src.path})" if src.path and src.path != src.label else "")
+
+
+def check_inputs(cfg) -> None:
+    """An empty (or blank) jsonl file would give a data set of nothing: refuse it up front."""
+    for src in cfg.sources:
+        if src.kind == "jsonl" and Path(src.path).is_file() and is_blank(src.path):
+            raise PrepareRefused(f"{where(src)} is empty (no JSON lines); give a file with data or remove the source")
+
+
+def is_blank(path: str, chunk: int = 1 << 20) -> bool:
+    """Only whitespace (and a UTF-8 BOM) in the file; stops at the first other byte."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip(b" \t\r\n\x0b\x0c\xef\xbb\xbf"):
+                return False
+    return True
+
+
+def unknown_message(src, share: float, limit: float, spec: str, seen: str) -> str:
+    return (f"{where(src)}: {share:.1%} of its tokens{seen} are unknown to tokenizer {spec!r}, over "
+            f"max_unknown_share={limit:.1%}; use a tokenizer that covers this text, e.g. a BPE from "
+            f"`ms-ray tokenizer train jobs/tokenizer.yaml` (then tokenizer=<its output folder>)")
+
+
+def check_unknown_sample(cfg, schema, tokenizer, limit: float) -> None:
+    """Tokenize the first lines of each chat source before Ray starts: text the tokenizer does
+    not cover (chat with the skills word vocabulary) is refused in seconds, not after the run."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return  # byte-level BPE and the like cannot produce unknown tokens
+    from .formats import read_chitchat, read_jsonl
+
+    encode = encoder(tokenizer)
+    for src in cfg.sources:
+        if src.kind == "skills" or src.format == "table":
+            continue  # skills: a closed vocabulary; tables: unknown cells are dropped lines, reported
+        items = (read_chitchat(limit=UNKNOWN_SAMPLE) if src.kind == "chitchat" else
+                 read_jsonl(src.path, schema, fmt=src.format, role_map=src.role_map, max_chars=src.max_chars))
+        sample = [c for c in itertools.islice(items, UNKNOWN_SAMPLE) if isinstance(c, Conversation)]
+        ids = [i for c in sample for turn in c.turns for i in encode(turn.text)]
+        share = ids.count(unk) / max(len(ids), 1)
+        if share > limit:
+            raise PrepareRefused(unknown_message(src, share, limit, cfg.tokenizer, f" (first {len(sample)} conversations)"))
+
+
+def check_sources(cfg, reports: list[dict], limit: float) -> dict:
+    """Per source: examples, dropped, tokens, unknown. A source that gave no examples, or whose
+    tokens are more than `limit` unknown, fails the run before the swap (the old set stays)."""
+    per = {src.label: Counter() for src in cfg.sources}
+    reasons = {src.label: Counter() for src in cfg.sources}
+    for r in reports:
+        per[r["source"]].update(examples=len(r["index"]), dropped=len(r["dropped"]), tokens=r["tokens"], unknown=r["unknown"])
+        reasons[r["source"]].update(reason_kind(d["reason"]) for d in r["dropped"])
+    kept = f"; nothing written, {cfg.output} left as it was"
+    for src in cfg.sources:
+        c = per[src.label]
+        if not c["examples"]:
+            why = f", most for: {reasons[src.label].most_common(1)[0][0]}" if c["dropped"] else ""
+            raise PrepareError(f"{where(src)} gave 0 examples ({c['dropped']} inputs dropped{why}){kept}")
+        share = c["unknown"] / max(c["tokens"], 1)
+        if share > limit:
+            raise PrepareError(unknown_message(src, share, limit, cfg.tokenizer, "") + kept)
+    return {label: dict(c) for label, c in per.items()}
+
+
+def build_manifest(cfg, schema, tokenizer, index, stats, dropped, per_source=None) -> dict:
     from .tokenizer import tokenizer_hash
 
     splits = {}
@@ -232,13 +383,17 @@ def build_manifest(cfg, schema, tokenizer, index, stats, dropped) -> dict:
         src["policies"][r["policy"]] += 1
         src["truncated"] += r["truncated"]
         src["groups"][r["split"]].add(r["group"])
-    for src in sources.values():
+    for name, src in sources.items():
         src["policies"] = dict(src["policies"])
         src["groups"] = {s: sorted(g) for s, g in src["groups"].items()}
+        counts = (per_source or {}).get(name, {})
+        src["tokens"], src["unknown_tokens"] = counts.get("tokens", 0), counts.get("unknown", 0)
+        src["unknown_share"] = round(src["unknown_tokens"] / max(src["tokens"], 1), 4)
     return {
         "format_version": FORMAT_VERSION,
         "schema": schema.to_dict(),
-        "tokenizer": {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer), "path": "tokenizer"},
+        "tokenizer": {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer), "path": "tokenizer",
+                      "unk_token": tokenizer.unk_token},
         "seed": cfg.seed, "max_rows": cfg.packing.max_rows, "overflow": cfg.packing.overflow,
         "counts": {"examples": len(index), "dropped": len(dropped)},
         "splits": splits,
@@ -262,7 +417,8 @@ def format_summary(manifest: dict, dropped: list[dict], show: int = 10) -> str:
         lines.append(f"{s:<11} {v['examples']:>9} {v['packs']:>6} {v['rows']:>8} {v['tokens']:>9}  {share}")
     for name, src in manifest["sources"].items():
         trunc = f", {src['truncated']} truncated" if src["truncated"] else ""
-        lines.append(f"source {name}: {src['examples']} examples {src['policies']}{trunc}")
+        unk = f", unknown tokens {src.get('unknown_share', 0):.1%}" if manifest["tokenizer"].get("unk_token") else ""
+        lines.append(f"source {name}: {src['examples']} examples {src['policies']}{trunc}{unk}")
     if dropped:
         lines.append("dropped:")
         lines += [f"  {kind}: {n}" for kind, n in manifest["dropped_reasons"].items()]
@@ -304,6 +460,12 @@ def load_manifest(folder: str | Path, schema: StreamSchema | None = None, what: 
             f"{folder} was prepared in data format {manifest.get('format_version')}, this version reads "
             f"{FORMAT_VERSION}: run `ms-ray prepare` again"
         )
+    # a set damaged by hand or by a version before staged writes: say so here, not mid-training
+    missing = [f for s in manifest["splits"].values() for f in s["files"] if not (Path(folder) / f).is_file()]
+    missing += [] if (Path(folder) / manifest["tokenizer"]["path"]).is_dir() else [manifest["tokenizer"]["path"]]
+    if missing:
+        raise FileNotFoundError(f"{folder} is an incomplete data set ({len(missing)} missing, e.g. {missing[0]}); "
+                                f"run `ms-ray prepare` again")
     if schema is not None:
         schema.check_same(StreamSchema.from_dict(manifest["schema"], str(path)), what, f"data set {folder}")
     return manifest

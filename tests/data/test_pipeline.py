@@ -14,7 +14,7 @@ SCHEMA = {"streams": [
     {"name": "output", "role": "output", "end_token": "<|end|>"},
     {"name": "tool", "role": "input"}, {"name": "tool_call", "role": "output"},
 ]}
-GOOD = [{"messages": [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "two"}]}] * 30
+GOOD = [{"messages": [{"role": "user", "content": "what is 2"}, {"role": "assistant", "content": "2"}]}] * 30  # skills words
 
 
 def write_jsonl(path, objects, raw_lines=()):
