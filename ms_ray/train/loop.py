@@ -12,7 +12,7 @@ global gradient norm is the same on every rank, so all ranks see a NaN / infinit
 gradient norm at the same point, with no extra synchronisation per micro-batch (one extra
 all-reduce before each log, evaluation or checkpoint step covers the last micro-batch). They
 stop there together: no checkpoint, no export; rank 0 writes {run_dir}/diverged.json and every
-worker returns normally, so Ray Train does not retry (tracking.fit_checked raises it on the
+worker returns normally, so Ray Train does not retry (run.fit raises it on the
 driver).
 """
 

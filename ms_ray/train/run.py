@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,12 +55,14 @@ def check_resources(cfg) -> None:
 
 
 def latest_checkpoint(cfg) -> tuple[Path, int] | None:
-    """(folder, step) of the newest complete checkpoint of the run, or None."""
+    """(folder, step) of the newest complete checkpoint of the run (every rank's part), or None."""
     import json
 
     found = []
     for folder in run_dir_of(cfg).glob("checkpoint_*"):
         try:
+            if not all((folder / f"rank{r}.json").is_file() for r in range(cfg.scaling.num_workers)):
+                continue
             found.append((json.loads((folder / "rank0.json").read_text())["step"], folder))
         except (OSError, ValueError, KeyError):
             continue  # not a complete checkpoint
@@ -73,6 +76,37 @@ def prepare_data(cfg) -> dict:
     print(f"data: {cfg.data.path} has no manifest; preparing it with {cfg.data.prepare}", flush=True)
     prepare(load_config(PrepareConfig, cfg.data.prepare, [f"output={cfg.data.path}"]))
     return check_data(cfg)
+
+
+def fit(trainer, run_dir: Path):
+    """`trainer.fit()`, raising TrainingDiverged when the run diverged (the workers returned
+    normally after writing {run_dir}/diverged.json, or one failed after writing it; a file left
+    by an earlier session is removed first, so a resume with a lower lr starts clean).
+
+    It runs in a thread: Ray Train installs its own Ctrl-C handler when fit() is called from
+    the main thread, and that handler ends the process with status 1 and no word. Off the main
+    thread Ctrl-C stays a KeyboardInterrupt here, and the command says what was kept."""
+    from .tracking import DIVERGED, read_divergence
+
+    (run_dir / DIVERGED).unlink(missing_ok=True)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="ms-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a bounded wait, so the main thread takes Ctrl-C at once
+    diverged = read_divergence(run_dir)
+    if diverged is not None:
+        raise diverged from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def train(cfg) -> dict:
@@ -93,7 +127,6 @@ def train(cfg) -> dict:
     from .evaluate import format_skill_table
     from .loop import train_worker
     from .loopback import LoopbackTorchConfig
-    from .tracking import fit_checked
 
     from ..data.pipeline import pack_dataset
 
@@ -123,7 +156,7 @@ def train(cfg) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank picks its packs (see loop.rank_packs)
     )
-    result = fit_checked(trainer, run_dir)  # TrainingDiverged: stopped, nothing exported
+    result = fit(trainer, run_dir)
     metrics = dict(result.metrics or {})
     wall = time.perf_counter() - started
     loop_s = metrics.get("time/train_loop_s", float("nan"))

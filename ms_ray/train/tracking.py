@@ -7,7 +7,7 @@ Every rank may call these; only rank 0 writes. W&B runs offline unless an API ke
 
 Divergence: the workers stop together on a non-finite loss or gradient norm, rank 0 writes
 {run_dir}/diverged.json, and every worker returns normally, so Ray Train never retries a
-deterministic failure; the driver (`fit_checked`) turns the file into `TrainingDiverged`, whose
+deterministic failure; the driver (`run.fit`) turns the file into `TrainingDiverged`, whose
 message is the one line to show. Standard library only: the CLI imports this module cheaply.
 """
 
@@ -57,25 +57,6 @@ def write_divergence(run_dir: Path, record: dict) -> None:
 def read_divergence(run_dir: Path) -> TrainingDiverged | None:
     path = Path(run_dir) / DIVERGED
     return TrainingDiverged(json.loads(path.read_text())) if path.exists() else None
-
-
-def fit_checked(trainer, run_dir: Path):
-    """The driver side: `trainer.fit()`, raising `TrainingDiverged` when the run diverged (the
-    workers returned normally after writing {run_dir}/diverged.json, or one of them failed
-    after writing it). A file left by an earlier session is removed first: a resumed run with
-    a lower learning rate starts clean."""
-    (Path(run_dir) / DIVERGED).unlink(missing_ok=True)
-    try:
-        result = trainer.fit()
-    except Exception:
-        diverged = read_divergence(run_dir)
-        if diverged is not None:
-            raise diverged from None
-        raise
-    diverged = read_divergence(run_dir)
-    if diverged is not None:
-        raise diverged
-    return result
 
 
 def non_finite(value) -> str | None:

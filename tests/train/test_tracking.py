@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_model
 from ms_ray.train.checkpoint import NonFiniteWeights, export_model
-from ms_ray.train.tracking import (DIVERGED, Progress, TrainingDiverged, divergence_message, duration, fit_checked,
+from ms_ray.train.run import fit
+from ms_ray.train.tracking import (DIVERGED, Progress, TrainingDiverged, divergence_message, duration,
                                    non_finite, read_divergence, step_line, write_divergence)
 
 
@@ -77,18 +78,18 @@ class FakeTrainer:
         return "result"
 
 
-def test_fit_checked_turns_the_marker_into_one_exception(tmp_path):
+def test_fit_turns_the_marker_into_one_exception(tmp_path):
     record = {"step": 3, "what": "loss", "value": "nan", "lr": 1.0, "base_lr": 1.0, "checkpoint": 2}
     write_divergence(tmp_path, record)  # left by an earlier, diverged session
-    assert fit_checked(FakeTrainer(tmp_path), tmp_path) == "result"  # resumed with a lower lr: fine
+    assert fit(FakeTrainer(tmp_path), tmp_path) == "result"  # resumed with a lower lr: fine
     with pytest.raises(TrainingDiverged, match=r"^training diverged at step 3: loss nan") as info:
-        fit_checked(FakeTrainer(tmp_path, write=record), tmp_path)  # the workers returned normally
+        fit(FakeTrainer(tmp_path, write=record), tmp_path)  # the workers returned normally
     assert info.value.record == record and read_divergence(tmp_path).record == record
     with pytest.raises(TrainingDiverged) as info:  # a worker failed after writing it: still the one line
-        fit_checked(FakeTrainer(tmp_path, write=record, error=RuntimeError("worker group failed")), tmp_path)
+        fit(FakeTrainer(tmp_path, write=record, error=RuntimeError("worker group failed")), tmp_path)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     with pytest.raises(RuntimeError, match="worker group failed"):  # any other failure passes through
-        fit_checked(FakeTrainer(tmp_path, error=RuntimeError("worker group failed")), tmp_path)
+        fit(FakeTrainer(tmp_path, error=RuntimeError("worker group failed")), tmp_path)
 
 
 def test_export_refuses_non_finite_weights(bound, tokenizer, tmp_path):
