@@ -546,6 +546,15 @@ def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bo
 C = TypeVar("C", bound=BaseModel)
 
 
+# Besides YAMLError, PyYAML's constructors raise these for some scalars ("2020-13-45", "!!bool x",
+# "!!timestamp x", integers of over 4300 digits), and its composer RecursionError for deep nesting.
+YAML_LEAKS = (RecursionError, ValueError, TypeError, KeyError, AttributeError)
+
+
+def yaml_leak(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else f"a value YAML cannot read ({str(e).split(';')[0]})"
+
+
 def read_yaml(path: str | Path):
     """A YAML file's content, or a ConfigError naming the file and what is wrong with it."""
     source = str(path)
@@ -565,6 +574,8 @@ def read_yaml(path: str | Path):
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{source}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except YAML_LEAKS as e:
+        raise ConfigError(f"{source}: not valid YAML: {yaml_leak(e)}") from None
 
 
 def apply_override(tree: dict, override: str) -> tuple[str, ...]:
@@ -578,6 +589,8 @@ def apply_override(tree: dict, override: str) -> tuple[str, ...]:
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
                           "quote it, e.g. key='[1'") from None
+    except YAML_LEAKS as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {yaml_leak(e)}") from None
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -603,6 +616,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     set_by = {apply_override(tree, o): o for o in overrides}
     try:
         return cls.model_validate(tree, context={"check_paths": check_paths})
+    except OSError as e:  # a path check that cannot even ask (e.g. a name over 255 bytes)
+        raise ConfigError(f"{source}: cannot check path {e.filename!r}: {e.strerror or e}") from None
+    except UnicodeError:  # pydantic cannot even report a str holding an unpaired surrogate
+        raise ConfigError(f"{source}: a value is not Unicode text: it holds an unpaired surrogate such as "
+                          "\"\\ud800\" (YAML does not join \\uD83D\\uDE00 pairs: write the character, or \\U0001F600)") from None
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -11,7 +11,9 @@ Roles go to schema streams through DEFAULT_ROLE_MAP (plus `role_map`, which adds
 it). Alpaca gives role "user" (instruction, then "\\n\\n" + input when input is not blank) and
 role "assistant" (output). Texts are kept exactly as written. A line with any bad message is
 dropped whole (never a conversation with a hole in it); blank lines are skipped; extra keys
-(e.g. "name", "tool_calls") are ignored. `max_chars` applies to each turn's text.
+(e.g. "name", "tool_calls") are ignored. `max_chars` applies to each turn's text. A string
+that is not Unicode text (an unpaired surrogate escape such as "\\ud800": no tokenizer takes
+it) drops its line; so do JSON nested too deeply and integers Python will not read.
 
 Our own stream tables (exact round trip of `Example`), one table per line; a cell is the token
 string (`tokenizer.convert_ids_to_tokens`) or null for silence, every stream has R cells:
@@ -59,9 +61,33 @@ def _kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
+def _unicode_problem(value: Any, where: str) -> str | None:
+    """Where a parsed JSON value holds a string that is not Unicode text, or None. JSON may say
+    "\\ud800" (half of a surrogate pair) alone: Python reads it into a str that no UTF-8 encoder,
+    tokenizer or hash takes, so such a value must not pass on. Walks without recursion."""
+    stack = [(where, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{path} holds an unpaired surrogate {v[e.start]!r} at character {e.start} (not valid Unicode)"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                bad = _unicode_problem(k, f"a key of {path}")
+                if bad:
+                    return bad
+                stack.append((f"{path}.{k}", x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
 def _json_lines(path: str | Path) -> Iterator[tuple[int, Any] | Dropped]:
     """(line number, parsed JSON object) per non-blank line, or a Dropped for a line that is not
-    valid UTF-8, not valid JSON or not a JSON object."""
+    valid UTF-8, not valid JSON (nested too deeply, a number Python will not read) or not a JSON
+    object."""
     file = str(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -76,6 +102,12 @@ def _json_lines(path: str | Path) -> Iterator[tuple[int, Any] | Dropped]:
                 obj = json.loads(text.rstrip())
             except json.JSONDecodeError as e:
                 yield Dropped(file, lineno, f"malformed JSON: {e.msg} at column {e.colno}")
+                continue
+            except RecursionError:
+                yield Dropped(file, lineno, "malformed JSON: nested too deeply")
+                continue
+            except ValueError as e:  # valid JSON Python refuses, e.g. an integer of over 4300 digits
+                yield Dropped(file, lineno, f"malformed JSON: {str(e).split(';')[0]}")
                 continue
             if not isinstance(obj, dict):
                 yield Dropped(file, lineno, f"line is {_kind(obj)}, not a JSON object")
@@ -156,6 +188,9 @@ def _turns(messages: list[Message], role_map: dict, schema: StreamSchema, max_ch
             return f"{text_field} is {_kind(text)}, not a string"
         if not text.strip():
             return f"{text_field} is empty"
+        bad = _unicode_problem(text, text_field)
+        if bad:
+            return bad
         if len(text) > max_chars:
             return f"{text_field} has {len(text)} characters, over max_chars={max_chars} (dropped, not truncated)"
         turns.append(Turn(stream, text))
@@ -194,8 +229,13 @@ def _read_chat_lines(path, schema, fmt, roles, max_chars) -> Iterator[Conversati
         if isinstance(turns, str):
             return Dropped(file, lineno, f"{line_fmt} line: {turns}")
         line_id = obj.get("id")
-        if line_id is not None and not isinstance(line_id, (str, int)):
+        if isinstance(line_id, float):
+            return Dropped(file, lineno, f"id is {line_id!r}, not a string or a whole number")
+        if line_id is not None and (isinstance(line_id, bool) or not isinstance(line_id, (str, int))):
             return Dropped(file, lineno, f"id is {_kind(line_id)}, not a string or number")
+        bad = _unicode_problem(line_id, "id")
+        if bad:
+            return Dropped(file, lineno, bad)
         group = str(line_id) if line_id is not None else f"{path}:{lineno}"
         return Conversation(source=file, group=group, turns=turns, file=file, line=lineno)
 
@@ -326,6 +366,8 @@ def _read_table_lines(path, schema, vocab, silence) -> Iterator[Example | Droppe
         meta = obj.get("meta", {})
         if reason is None and not isinstance(meta, dict):
             reason = f"meta is {_kind(meta)}, not an object"
+        reason = reason or next(filter(None, (_unicode_problem(obj[key], key) for key in TABLE_FIELDS)), None)
+        reason = reason or _unicode_problem(meta, "meta")
         rows = reason or _table_rows(obj["streams"], schema, vocab, silence)
         if isinstance(rows, str):
             return Dropped(file, lineno, f"table line: {rows}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -96,12 +97,45 @@ def key_from(headers, query) -> str | None:
     return headers.get("x-api-key") or query.get("key")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text says a surrogate
+
+
+def _unicode_problem(value, where: str) -> str | None:
+    """Where a parsed JSON value holds a string that is not Unicode text, or None. JSON may say
+    "\\ud800" (half of a surrogate pair) alone: Python reads it into a str that no tokenizer takes.
+    Walks without recursion."""
+    stack = [(where, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{path} holds an unpaired surrogate {v[e.start]!r} at character {e.start} (not valid Unicode)"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                bad = _unicode_problem(k, f"a key of {path}")
+                if bad:
+                    return bad
+                stack.append((f"{path}.{k}", x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
 def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "frame") -> dict:
     """A JSON object sent as text or UTF-8 bytes (a WebSocket frame, an HTTP body), size-checked
-    first; ServeError names what is wrong."""
+    first; ServeError names what is wrong. Every string in it is Unicode text (no unpaired
+    surrogate escapes)."""
     if raw is None:
         raise ServeError("bad_frame", f"empty {what}")
+    if isinstance(raw, (bytearray, memoryview)):
+        raw = bytes(raw)
+    if not isinstance(raw, (str, bytes)):
+        raise ServeError("bad_frame", f"{what} is {type(raw).__name__}, not text or bytes")
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    # a str that says "\ud800" (or holds one): look for unpaired surrogates in what it parses to
+    suspect = isinstance(raw, str) and size != len(raw.encode("utf-8", "replace"))
     if size > max_bytes:
         raise ServeError("too_large", f"{what} of {size} bytes; the limit is {max_bytes}")
     if isinstance(raw, bytes):
@@ -109,13 +143,21 @@ def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "fram
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ServeError("bad_utf8", f"{what} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    suspect = suspect or _SURROGATE_ESCAPE.search(raw) is not None
     try:
         frame = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ServeError("bad_json", f"{what} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ServeError("bad_json", f"{what} is not JSON we read: nested too deeply") from None
+    except ValueError as e:  # valid JSON Python refuses, e.g. an integer of over 4300 digits
+        raise ServeError("bad_json", f"{what} is not JSON we read: {str(e).split(';')[0]}") from None
     if not isinstance(frame, dict):
         article = "a" if what == "frame" else "the"
         raise ServeError("bad_frame", f"{article} {what} is a JSON object, got {type(frame).__name__}")
+    bad = suspect and _unicode_problem(frame, what)
+    if bad:
+        raise ServeError("bad_frame", bad)
     return frame
 
 
@@ -126,6 +168,8 @@ def parse_frame(raw: str | bytes | None, max_bytes: int) -> dict:
 
 def check_frame(frame: dict) -> dict:
     """The fields of an append or close frame."""
+    if not isinstance(frame, dict):
+        raise ServeError("bad_frame", f"a frame is a JSON object, got {type(frame).__name__}")
     kind = frame.get("type")
     if kind == "append":
         for name in ("stream", "text"):

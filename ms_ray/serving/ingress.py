@@ -254,7 +254,10 @@ class Ingress:
     async def http_append(self, session: str, request: Request):
         try:
             access = await self.access(request.headers, request.query_params)
-            frame = check_frame({"type": "append", **await self.json_body(request)})
+            body = await self.json_body(request)
+            if body.get("type", "append") != "append":  # this endpoint appends; a frame of another type is a mistake
+                raise ServeError("bad_frame", f"this endpoint appends: type {body['type']!r} is not 'append'")
+            frame = check_frame({**body, "type": "append"})
             return await self.append(access, session, frame["stream"], frame["text"])
         except ServeError as e:
             return error_body(e)

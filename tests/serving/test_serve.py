@@ -321,6 +321,8 @@ def test_http_session_with_server_sent_events(served):
         bad = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"stream": "think", "text": "x"})
         assert bad.status_code == 403 and bad.json()["code"] == "output_stream"
         assert http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, content=b"{oops").json()["code"] == "bad_json"
+        other = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"type": "close"})  # was a 500
+        assert other.status_code == 400 and other.json()["code"] == "bad_frame"
         missing = http.post(f"{base}/v1/sessions/zzzzzzzz/append", headers=auth, json={"stream": "user", "text": "1"})
         assert missing.status_code == 404 and missing.json()["code"] == "unknown_session"
         assert http.post(f"{base}/v1/sessions", headers={"X-API-Key": "nope"}).status_code == 401
