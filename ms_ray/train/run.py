@@ -55,18 +55,16 @@ def check_resources(cfg) -> None:
 
 
 def latest_checkpoint(cfg) -> tuple[Path, int] | None:
-    """(folder, step) of the newest complete checkpoint of the run (every rank's part), or None."""
+    """(folder, step) of the run's newest registered checkpoint (the one a re-run resumes
+    from: Ray Train's own record, written once every rank has reported), or None."""
     import json
 
-    found = []
-    for folder in run_dir_of(cfg).glob("checkpoint_*"):
-        try:
-            if not all((folder / f"rank{r}.json").is_file() for r in range(cfg.scaling.num_workers)):
-                continue
-            found.append((json.loads((folder / "rank0.json").read_text())["step"], folder))
-        except (OSError, ValueError, KeyError):
-            continue  # not a complete checkpoint
-    return (max(found)[1], max(found)[0]) if found else None
+    run_dir = run_dir_of(cfg)
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+        return run_dir / latest["checkpoint_dir_name"], int(latest["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def prepare_data(cfg) -> dict:
@@ -99,8 +97,14 @@ def fit(trainer, run_dir: Path):
 
     thread = threading.Thread(target=run, name="ms-ray-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a bounded wait, so the main thread takes Ctrl-C at once
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # a bounded wait, so the main thread takes Ctrl-C at once
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()  # the run's workers stop now (they go with the driver), so no checkpoint comes after
+        raise
     diverged = read_divergence(run_dir)
     if diverged is not None:
         raise diverged from None
