@@ -205,13 +205,11 @@ def prepare(cfg, log=print, progress=None) -> dict:
     `log` gets the final summary, `progress` one plain line per event (default: stderr)."""
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(cfg.output).expanduser().resolve()  # a symlinked output: replace what it points to
-    # a word-level tokenizer fed text it does not cover turns most of it into <|unk|>: refuse
-    max_unknown = cfg.max_unknown_share
     # everything that can refuse does so here, before Ray starts and before a byte is written
     check_output(out, cfg.output)
     check_inputs(cfg)
     schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
-    check_unknown_sample(cfg, schema, tokenizer, max_unknown)
+    check_unknown_sample(cfg, schema, tokenizer, cfg.max_unknown_share)  # e.g. chat text with a word vocabulary
     from ..ray_env import init_ray
 
     ray = init_ray(cfg.address)  # before any folder is made: a cluster that does not answer changes nothing
@@ -225,7 +223,7 @@ def prepare(cfg, log=print, progress=None) -> dict:
     staging.mkdir()
     try:
         reports = run_shards(ray, cfg, staging, progress)
-        per_source = check_sources(cfg, reports, max_unknown)
+        per_source = check_sources(cfg, reports, cfg.max_unknown_share)
         dropped = [d for r in reports for d in r["dropped"]]
         index = [i for r in reports for i in r["index"]]
         stats = sorted((f for r in reports for f in r["files"]), key=lambda f: f["file"])
