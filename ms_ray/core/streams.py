@@ -265,3 +265,26 @@ def format_table(rows: list[list[int]], schema: StreamSchema, id_to_token, first
         cells = ["·" if t == silence else id_to_token(t) for t in row]
         lines.append(f"{r:>4} | " + " | ".join(f"{c[:width]:<{width}}" for c in cells))
     return "\n".join(lines)
+
+
+def unicode_problem(value, where: str) -> str | None:
+    """Where a parsed JSON value holds a string that is not Unicode text, or None. JSON may say
+    "\\ud800" (half of a surrogate pair) alone: Python reads it into a str that no UTF-8 encoder,
+    tokenizer or hash takes, so such a value must not become cells. Walks without recursion."""
+    stack = [(where, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{path} holds an unpaired surrogate {v[e.start]!r} at character {e.start} (not valid Unicode)"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                bad = unicode_problem(k, f"a key of {path}")
+                if bad:
+                    return bad
+                stack.append((f"{path}.{k}", x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..core.streams import StreamSchema, TableError
+from ..core.streams import StreamSchema, TableError, unicode_problem
 from .tables import Conversation, Dropped, Example, Turn
 
 DEFAULT_ROLE_MAP = {
@@ -59,29 +59,6 @@ def _kind(value: Any) -> str:
         return "a boolean"
     return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
         type(value), type(value).__name__)
-
-
-def _unicode_problem(value: Any, where: str) -> str | None:
-    """Where a parsed JSON value holds a string that is not Unicode text, or None. JSON may say
-    "\\ud800" (half of a surrogate pair) alone: Python reads it into a str that no UTF-8 encoder,
-    tokenizer or hash takes, so such a value must not pass on. Walks without recursion."""
-    stack = [(where, value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                return f"{path} holds an unpaired surrogate {v[e.start]!r} at character {e.start} (not valid Unicode)"
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                bad = _unicode_problem(k, f"a key of {path}")
-                if bad:
-                    return bad
-                stack.append((f"{path}.{k}", x))
-        elif isinstance(v, list):
-            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
-    return None
 
 
 def _json_lines(path: str | Path) -> Iterator[tuple[int, Any] | Dropped]:
@@ -188,7 +165,7 @@ def _turns(messages: list[Message], role_map: dict, schema: StreamSchema, max_ch
             return f"{text_field} is {_kind(text)}, not a string"
         if not text.strip():
             return f"{text_field} is empty"
-        bad = _unicode_problem(text, text_field)
+        bad = unicode_problem(text, text_field)
         if bad:
             return bad
         if len(text) > max_chars:
@@ -233,7 +210,7 @@ def _read_chat_lines(path, schema, fmt, roles, max_chars) -> Iterator[Conversati
             return Dropped(file, lineno, f"id is {line_id!r}, not a string or a whole number")
         if line_id is not None and (isinstance(line_id, bool) or not isinstance(line_id, (str, int))):
             return Dropped(file, lineno, f"id is {_kind(line_id)}, not a string or number")
-        bad = _unicode_problem(line_id, "id")
+        bad = unicode_problem(line_id, "id")
         if bad:
             return Dropped(file, lineno, bad)
         group = str(line_id) if line_id is not None else f"{path}:{lineno}"
@@ -366,8 +343,8 @@ def _read_table_lines(path, schema, vocab, silence) -> Iterator[Example | Droppe
         meta = obj.get("meta", {})
         if reason is None and not isinstance(meta, dict):
             reason = f"meta is {_kind(meta)}, not an object"
-        reason = reason or next(filter(None, (_unicode_problem(obj[key], key) for key in TABLE_FIELDS)), None)
-        reason = reason or _unicode_problem(meta, "meta")
+        reason = reason or next(filter(None, (unicode_problem(obj[key], key) for key in TABLE_FIELDS)), None)
+        reason = reason or unicode_problem(meta, "meta")
         rows = reason or _table_rows(obj["streams"], schema, vocab, silence)
         if isinstance(rows, str):
             return Dropped(file, lineno, f"table line: {rows}")

@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..core.streams import unicode_problem
+
 
 class ServeError(Exception):
     """A request the server refuses; `code` is the protocol's error code (serve/PROTOCOL.md)."""
@@ -100,29 +102,6 @@ def key_from(headers, query) -> str | None:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text says a surrogate
 
 
-def _unicode_problem(value, where: str) -> str | None:
-    """Where a parsed JSON value holds a string that is not Unicode text, or None. JSON may say
-    "\\ud800" (half of a surrogate pair) alone: Python reads it into a str that no tokenizer takes.
-    Walks without recursion."""
-    stack = [(where, value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                return f"{path} holds an unpaired surrogate {v[e.start]!r} at character {e.start} (not valid Unicode)"
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                bad = _unicode_problem(k, f"a key of {path}")
-                if bad:
-                    return bad
-                stack.append((f"{path}.{k}", x))
-        elif isinstance(v, list):
-            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
-    return None
-
-
 def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "frame") -> dict:
     """A JSON object sent as text or UTF-8 bytes (a WebSocket frame, an HTTP body), size-checked
     first; ServeError names what is wrong. Every string in it is Unicode text (no unpaired
@@ -155,7 +134,7 @@ def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "fram
     if not isinstance(frame, dict):
         article = "a" if what == "frame" else "the"
         raise ServeError("bad_frame", f"{article} {what} is a JSON object, got {type(frame).__name__}")
-    bad = suspect and _unicode_problem(frame, what)
+    bad = suspect and unicode_problem(frame, what)
     if bad:
         raise ServeError("bad_frame", bad)
     return frame
