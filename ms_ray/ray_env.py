@@ -80,9 +80,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         )
     import logging
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset INFO lines
     import ray.data
 
+    # after the import, which configures Ray Data's loggers: no per-dataset INFO lines, and no
+    # warning that the progress bars are off (they are, on purpose: RAY_DATA_DISABLE_PROGRESS_BARS)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = False
     return ray
