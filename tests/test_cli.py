@@ -102,3 +102,37 @@ def test_serve_command_runs_the_app_and_stops_on_ctrl_c(tmp_path, tok, sch):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_serve_stops_cleanly_on_sigterm(tmp_path, tok, sch):
+    """`kill`, `docker stop` and systemd send SIGTERM: the same clean stop as Ctrl-C (Ray's own
+    handler printed a stack dump instead), and the local config keeps Serve's INFO lines off."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from ms_ray.core.families import tiny_base_model
+    from ms_ray.core.model import MultiStreamLM
+    from ms_ray.serving.client import wait_ready
+
+    MultiStreamLM(tiny_base_model("llama", len(tok)), sch).save_pretrained(tmp_path / "ckpt", tok)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "ms_ray.cli", "serve", str(tmp_path / "ckpt"), f"port={port}",
+                             "model.num_cpus=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 180)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out[-3000:]
+        assert "ms-ray serve: stopping" in out and "SIGTERM received" not in out
+        assert " INFO " not in out, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

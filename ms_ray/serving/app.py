@@ -9,7 +9,9 @@ Each SessionServer replica loads the checkpoint, warms up, and only then counts 
 
 from __future__ import annotations
 
+import logging
 import re
+import signal
 import time
 
 from ray import serve
@@ -153,6 +155,10 @@ def build(args: dict):
     return ingress.bind(config, server_app)
 
 
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_local(cfg: ServeConfig, blocking: bool = True):
     """Run the app on an embedded Ray bound to 127.0.0.1 (or cfg.host); returns the base URL.
     Ctrl-C stops it cleanly at any point, start-up included."""
@@ -161,6 +167,9 @@ def serve_local(cfg: ServeConfig, blocking: bool = True):
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"ms-ray serve: starting {cfg.checkpoint} at {url}", flush=True)
     init_ray()
+    if blocking:  # `kill`, `docker stop`, systemd: the same clean stop as Ctrl-C, not Ray's stack dump
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    logging.getLogger("ray.serve").setLevel(cfg.log_level)  # this driver's own Serve lines too
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": cfg.log_level})
         serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
