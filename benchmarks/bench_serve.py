@@ -48,7 +48,8 @@ def free_port() -> int:
 def save_checkpoint(folder: Path) -> Path:
     from ms_ray.core.families import tiny_base_model
     from ms_ray.core.model import MultiStreamLM
-    from ms_ray.data.skills import SKILL_STREAMS, skill_tokenizer
+    from ms_ray.data.skills import SKILL_STREAMS
+    from ms_ray.data.tokenizer import skill_tokenizer
 
     tok = skill_tokenizer()
     base = tiny_base_model("llama", len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512)

@@ -12,7 +12,7 @@ from .core.streams import SchemaError
 from .data.pipeline import PrepareError
 from .ray_env import RayAddressError, set_environment
 from .submit import SubmitError
-from .train.tracking import TrainingDiverged
+from .tracking import TrainingDiverged
 
 REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)
 FAILED = (PrepareError, TrainingDiverged)  # the work ran and stopped for a stated reason; what was kept is said
@@ -100,7 +100,7 @@ def eval_command(cfg: EvalJobConfig):
 
 
 def compare(cfg: CompareConfig):
-    from .evaluation.run import compare as run_compare
+    from .experiments.compare import compare as run_compare
 
     return run_compare(cfg)
 

@@ -8,7 +8,7 @@
   gpus      what each node sees; with scaling.use_gpu every worker node needs GPUs;
   backend   the collective backend the run uses is available: gloo on every node, or nccl on
             every node with GPUs (and there must be one; CPU-only nodes run no GPU worker);
-  wandb     the mode the run will use (ms_ray.train.tracking.wandb_mode: auto is online only with
+  wandb     the mode the run will use (ms_ray.tracking.wandb_mode: auto is online only with
             WANDB_API_KEY): offline/disabled pass; online needs the key and a reachable server.
 A failed check says what to fix. Exit code 0 only if every check passed. Every wait is bounded:
 the probes get 120 s (PROBE_TIMEOUT_S), the W&B server 5 s.
@@ -100,7 +100,7 @@ def check_wandb(mode: str) -> tuple[bool, str]:
     can work: offline/disabled always can; online needs WANDB_API_KEY and a reachable server."""
     from types import SimpleNamespace
 
-    from .train.tracking import wandb_mode
+    from .tracking import wandb_mode
 
     effective = wandb_mode(SimpleNamespace(mode=mode))
     key = "WANDB_API_KEY set" if effective == "online" else "no WANDB_API_KEY"

@@ -54,7 +54,7 @@ def model(bound, tokenizer):
 @pytest.fixture(scope="module")
 def tok():
     """The skill tasks' word tokenizer (one token per task word)."""
-    from ms_ray.data.skills import skill_tokenizer
+    from ms_ray.data.tokenizer import skill_tokenizer
 
     return skill_tokenizer()
 
@@ -146,3 +146,24 @@ def ray_head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)  # anything left of this head only
+
+
+def check_report_outputs(out, labels: list[str], n: int) -> dict:
+    """What `ms-ray eval` and `ms-ray compare` write: summary, report, records, plots, one W&B run."""
+    import json
+
+    from ms_ray.data.skills import TASKS
+
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    for label in labels:
+        assert summary["summaries"][label]["all"]["n"] == n
+        assert set(summary["summaries"][label]) == {*TASKS, "all"}
+        records = (out / f"records-{label}.jsonl").read_text().splitlines()
+        assert len(records) == n and {json.loads(r)["task"] for r in records} == set(TASKS)
+    assert f"| all | {n} |" in report and " / ".join(labels) in report
+    for plot in ("accuracy", "latency_rows", "latency_ms"):
+        assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    return summary

@@ -73,7 +73,8 @@ def scratch(tmp_path_factory, ray_local):
     from ms_ray.core.families import tiny_base_model
     from ms_ray.core.model import MultiStreamLM
     from ms_ray.data.pipeline import prepare
-    from ms_ray.data.skills import SKILL_STREAMS, skill_tokenizer
+    from ms_ray.data.skills import SKILL_STREAMS
+    from ms_ray.data.tokenizer import skill_tokenizer
 
     work = tmp_path_factory.mktemp("bad_input")
     for folder in ("jobs", "serve"):

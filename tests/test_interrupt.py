@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ms_ray.data.pipeline import load_manifest
+from ms_ray.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

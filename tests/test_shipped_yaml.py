@@ -64,7 +64,7 @@ def test_shipped_yaml_is_valid(path):
     if isinstance(cfg, EvalJobConfig):
         assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
     if isinstance(cfg, CompareConfig):  # both arms load, with the same budget and data a shipped job makes
-        from ms_ray.evaluation.run import arm_configs
+        from ms_ray.experiments.compare import arm_configs
 
         for arm in arm_configs(cfg).values():
             assert arm.data.prepare and (ROOT / arm.data.prepare).exists()

@@ -16,26 +16,10 @@ Every turn ends with its stream's end token when the schema gives one.
 
 from __future__ import annotations
 
-import re
 
+from ..config import parse_policy
 from ..core.streams import StreamSchema
 from .tables import Conversation, Dropped, Example, Timeline
-
-POLICY_RE = re.compile(r"^(after_input|teacher|wait_k\((\d+)\))$")
-
-
-def parse_policy(policy: str) -> tuple[str, int | None]:
-    """'after_input' -> ('after_input', None); 'wait_k(3)' -> ('wait_k', 3)."""
-    m = POLICY_RE.match(policy.replace(" ", ""))
-    if not m:
-        raise ValueError(f"unknown conversion policy {policy!r}; use after_input, wait_k(K) or teacher")
-    if m.group(2) is None:
-        return m.group(1), None
-    k = int(m.group(2))
-    if k < 2:
-        raise ValueError(f"wait_k({k}): k must be >= 2, since an input token reaches an output two rows later")
-    return "wait_k", k
-
 
 def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, example_id: str) -> Example | Dropped:
     """Place the turns of `conv` in rows under `policy` (after_input or wait_k(k))."""

@@ -44,14 +44,13 @@ import numpy as np
 from ..core.streams import StreamSchema
 from .convert import convert
 from .packing import fit_length, pack_examples
-from .staging import MANIFEST, PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
+from ..manifest import FORMAT_VERSION, MANIFEST, read_pack_file
+from .staging import PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
 from .tables import Conversation, Dropped, Example
 
-FORMAT_VERSION = 2  # 2: packs carry pack_id
 SPLITS = ("train", "validation")
 UNKNOWN_SAMPLE = 200  # input lines per source tokenized before Ray starts, to refuse early
 HEARTBEAT_S = 30.0  # a progress line at least this often while shards run (a shard can take minutes)
-__all__ = ["MANIFEST", "PrepareError", "PrepareRefused", "load_manifest", "pack_dataset", "prepare"]
 
 
 class PrepareError(RuntimeError):
@@ -71,12 +70,12 @@ def schema_and_tokenizer(schema_json: str, tokenizer_spec: str):
     """(bound schema, tokenizer), cached per worker process."""
     schema = StreamSchema.from_dict(json.loads(schema_json))
     if tokenizer_spec == "skills":
-        from .skills import skill_tokenizer
+        from .tokenizer import skill_tokenizer
 
         tokenizer = skill_tokenizer()
         schema.add_special_tokens(tokenizer)
     else:
-        from .tokenizer import load_tokenizer
+        from ..core.loading import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_spec, schema)
     return schema.bind(tokenizer), tokenizer
@@ -427,16 +426,6 @@ def format_summary(manifest: dict, dropped: list[dict], show: int = 10) -> str:
     return "\n".join(lines)
 
 
-def read_pack_file(item: dict) -> list[dict]:
-    """Ray Data flat_map: the packs of one shard file (plain pyarrow: read_parquet's discovery
-    cost ~15 s per call on a 2-core node for a few small files)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(item["file"], columns=["pack_id", "tokens", "doc_ids"])
-    return [{"pack_id": p, "tokens": np.asarray(t, dtype=np.int32), "doc_ids": np.asarray(d, dtype=np.int32)}
-            for p, t, d in zip(*(table.column(c).to_pylist() for c in ("pack_id", "tokens", "doc_ids")))]
-
-
 def pack_dataset(folder: str | Path, split: str, manifest: dict):
     """A Ray Dataset of the packs of one split: one read task per shard file."""
     import ray.data
@@ -445,25 +434,3 @@ def pack_dataset(folder: str | Path, split: str, manifest: dict):
     if not files:
         return None
     return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).flat_map(read_pack_file)
-
-
-def load_manifest(folder: str | Path, schema: StreamSchema | None = None, what: str = "model") -> dict:
-    """Read a prepared data set's manifest; with `schema`, check that the two agree."""
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} is not a prepared data set (no {MANIFEST}); run `ms-ray prepare` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FileNotFoundError(
-            f"{folder} was prepared in data format {manifest.get('format_version')}, this version reads "
-            f"{FORMAT_VERSION}: run `ms-ray prepare` again"
-        )
-    # a set damaged by hand or by a version before staged writes: say so here, not mid-training
-    missing = [f for s in manifest["splits"].values() for f in s["files"] if not (Path(folder) / f).is_file()]
-    missing += [] if (Path(folder) / manifest["tokenizer"]["path"]).is_dir() else [manifest["tokenizer"]["path"]]
-    if missing:
-        raise FileNotFoundError(f"{folder} is an incomplete data set ({len(missing)} missing, e.g. {missing[0]}); "
-                                f"run `ms-ray prepare` again")
-    if schema is not None:
-        schema.check_same(StreamSchema.from_dict(manifest["schema"], str(path)), what, f"data set {folder}")
-    return manifest

@@ -4,7 +4,7 @@ Five streams (SKILL_STREAMS): user (input), think (output), output (output, ends
 tool (input), tool_call (output). The 2-row rule: cells of one row never see each other and
 row r predicts row r+1, so an input token at row t can first influence an output token at row
 t+2. Every timing below is "last token of the word it depends on + 2" (REACTION); with a
-one-token-per-word tokenizer (skill_tokenizer) the rows are:
+one-token-per-word tokenizer (tokenizer.skill_tokenizer) the rows are:
 
   wait_k       answer while reading. The user streams 4-10 dictionary words at rows 0..n-1;
                output writes the translation of word i at row i+2, then <|end|> at row n+2
@@ -36,7 +36,6 @@ import numpy as np
 
 from ..core.streams import StreamSchema, StreamSpec
 from .tables import Example, Timeline, stream_tokens
-from .tokenizer import word_tokenizer
 
 SKILL_STREAMS = StreamSchema((
     StreamSpec("user", "input"),
@@ -71,13 +70,6 @@ def vocabulary() -> list[str]:
             + list(DICTIONARY.values()) + [f"{s}:" for s in SEQUENTIAL_ORDER])
 
 
-def skill_tokenizer():
-    """A word-level tokenizer over `vocabulary()` with SKILL_STREAMS' special tokens: one
-    token per word, so the rows match the module docstring exactly."""
-    return word_tokenizer(vocabulary(), SKILL_STREAMS)
-
-
-# ---- layout helpers ------------------------------------------------------------------------
 def _put_words(tl: Timeline, stream: str, row: int, words, enc) -> list[int]:
     """Write `words` on `stream` one token per row from `row`; returns each word's last row
     (what anything depending on that word is timed from)."""

@@ -25,9 +25,8 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError
+from ..manifest import MANIFEST, WRITTEN
 
-MANIFEST = "manifest.json"
-WRITTEN = {MANIFEST, "dropped.jsonl", "tokenizer", "train", "validation"}  # all prepare puts in an output
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 
 

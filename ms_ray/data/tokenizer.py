@@ -3,7 +3,6 @@
   train_bpe       byte-level BPE trained on text we ship (exact round trip, digits split one per
                   token so arithmetic does not depend on merges), saved as a HF tokenizer folder;
   word_tokenizer  a whole-word vocabulary (skill tasks with a closed vocabulary, tiny demos);
-  load_tokenizer  any HF tokenizer folder, with the schema's special tokens added when missing.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..core.streams import StreamSchema
+from .formats import read_chitchat
+from .skills import SKILL_STREAMS, vocabulary
 
 UNK = "<|unk|>"
 
@@ -52,17 +53,13 @@ def train_bpe(texts, schema: StreamSchema, vocab_size: int = 4096, min_frequency
     return _wrap(tok, schema)
 
 
-def load_tokenizer(path: str | Path, schema: StreamSchema):
-    """A HF tokenizer folder, with the schema's special tokens added where missing."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    schema.add_special_tokens(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = schema.pad_token
-    return tokenizer
+def skill_tokenizer():
+    """A word-level tokenizer over `vocabulary()` with SKILL_STREAMS' special tokens: one
+    token per word, so the rows match the skills module docstring exactly."""
+    return word_tokenizer(vocabulary(), SKILL_STREAMS)
 
 
+# ---- layout helpers ------------------------------------------------------------------------
 def tokenizer_hash(tokenizer) -> str:
     """A fingerprint of the vocabulary, merges and special tokens (short sha256)."""
     blob = tokenizer.backend_tokenizer.to_str() + "|" + ",".join(tokenizer.all_special_tokens)
@@ -72,14 +69,10 @@ def tokenizer_hash(tokenizer) -> str:
 def corpus_texts(chitchat_limit: int | None = None, skills: bool = True, files=()):
     """Text that ships with the project, for `ms-ray tokenizer train`: chitchat-dataset turns,
     the skill tasks' words, and plain-text files (one document per line)."""
-    from .formats import read_chitchat
-
     for conv in read_chitchat(limit=chitchat_limit):
         for turn in conv.turns:
             yield turn.text
     if skills:
-        from .skills import vocabulary
-
         yield " ".join(vocabulary())
     for path in files:
         with open(path, encoding="utf-8") as f:

@@ -8,7 +8,7 @@ Two layouts of the same examples, one harness:
               <|end|>`); the user part is injected one token per row (it reads as the user
               types, like the other), everything after it is generated.
 Both run on the same RowDecoder (a one-stream model is a plain causal LM: one token per row),
-greedily. Both use the REAL tool (serving.tools.run_call) on the call THEY wrote: the streams
+greedily. Both use the REAL tool (ms_ray.tools.run_call) on the call THEY wrote: the streams
 model gets the answer on its tool stream TOOL_DELAY rows after the call's last token, as in
 training; the baseline gets it right after it writes `tool:` (two rows after its call's last
 token: one row sooner than the streams model, in the baseline's favour).
@@ -33,7 +33,7 @@ from ..core.decode import RowDecoder, StopRules
 from ..core.streams import SchemaError
 from ..data.skills import SKILL_STREAMS, TOOL_DELAY, sequential_text
 from ..data.tables import Example
-from ..serving.tools import run_call
+from ..tools import run_call
 
 Pushes = dict[int, list[tuple[str, list[int]]]]  # row -> (stream, tokens) to push before building it
 
@@ -219,7 +219,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1,
     """Decode and score `examples` with a streams or a sequential skills model; one record each.
     progress: show examples done / total, rate and ETA on stderr (a bar on a terminal, else a
     line every 30 s and one at the end)."""
-    from ..train.tracking import Progress
+    from ..tracking import Progress
 
     if not examples:
         raise ValueError("evaluate needs at least one example")

@@ -20,7 +20,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ..config import ServeConfig, load_config
 from .access import ServeError
 from .sessions import EngineSettings, SessionEngine
-from .tools import run_call
+from ..tools import run_call
 
 SESSION_ID = re.compile(r"^[a-z0-9]{8}\.[0-9a-f]{16}$")
 
@@ -61,7 +61,7 @@ class SessionServer:
     def __init__(self, config: dict, tools=None):
         import torch
 
-        from ..train.checkpoint import load_export
+        from ..core.loading import load_export
 
         cfg = ServeConfig.model_validate(config, context={"check_paths": False})
         if cfg.model.num_cpus >= 1:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tracking import TrainingDiverged
+from ..core.loading import hf_bars_on_terminals_only
+from ..tracking import TrainingDiverged
 
 TAG = "ckpt"
 
@@ -92,39 +93,9 @@ def export_model(state_dict: dict, make_model, tokenizer, out: Path) -> Path:
         return model.save_pretrained(out, tokenizer)
 
 
-@contextlib.contextmanager
-def hf_bars_on_terminals_only():
-    """transformers' progress bars ("Loading weights", "Writing model shards") only where they
-    can redraw in place; in a worker or a log they are a line of carriage returns each."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
 def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, make_model, tokenizer) -> Path:
     """`ms-ray export`: consolidate a saved ZeRO checkpoint offline (any stage) into a folder."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / "ds"), tag=TAG)
     return export_model(sd, make_model, tokenizer, Path(out))
-
-
-def load_export(folder, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) of an exported MultiStreamLM folder, in eval mode. device auto: CUDA
-    when there is one; dtype auto: bf16 on CUDA, fp32 on the CPU."""
-    from ..core.model import MultiStreamLM
-    from ..data.tokenizer import load_tokenizer
-
-    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    with hf_bars_on_terminals_only():  # "Loading weights"
-        model = MultiStreamLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    return model, load_tokenizer(folder, model.schema)

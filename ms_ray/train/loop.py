@@ -37,7 +37,7 @@ import torch.distributed as dist
 from ..core.model import IGNORE
 from ..core.streams import next_row_labels
 from .checkpoint import NonFiniteWeights, export_model, full_state_dict, load_state, save_state
-from .tracking import Tracker, non_finite, write_divergence
+from ..tracking import Tracker, non_finite, write_divergence
 
 
 # ---- pieces the loop is made of ----------------------------------------------------------
@@ -182,8 +182,8 @@ def train_worker(config: dict) -> None:
 
     from ..config import TrainConfig
     from ..core.families import build_model
-    from ..data.pipeline import load_manifest
-    from ..data.tokenizer import load_tokenizer
+    from ..manifest import load_manifest
+    from ..core.loading import load_tokenizer
 
     cfg = TrainConfig.model_validate_json(config["cfg"], context={"check_paths": False})
     run_dir, data_dir = Path(config["run_dir"]), Path(config["data_dir"])

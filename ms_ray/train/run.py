@@ -22,7 +22,7 @@ def check_data(cfg) -> dict | None:
     need; None when it is still to be prepared (data.prepare). Needs no Ray: mistakes surface
     before anything starts."""
     from ..config import ConfigError
-    from ..data.pipeline import MANIFEST, load_manifest
+    from ..manifest import MANIFEST, load_manifest
 
     if cfg.data.prepare and not (Path(cfg.data.path) / MANIFEST).exists():
         return None
@@ -84,7 +84,7 @@ def fit(trainer, run_dir: Path):
     It runs in a thread: Ray Train installs its own Ctrl-C handler when fit() is called from
     the main thread, and that handler ends the process with status 1 and no word. Off the main
     thread Ctrl-C stays a KeyboardInterrupt here, and the command says what was kept."""
-    from .tracking import DIVERGED, read_divergence
+    from ..tracking import DIVERGED, read_divergence
 
     (run_dir / DIVERGED).unlink(missing_ok=True)
     outcome = {}
@@ -177,8 +177,8 @@ def train(cfg) -> dict:
 def export(cfg, checkpoint: str | None, out: str | None) -> Path:
     """Consolidate the latest (or a given) checkpoint of a run into a MultiStreamLM folder."""
     from ..core.families import build_model
-    from ..data.pipeline import load_manifest
-    from ..data.tokenizer import load_tokenizer
+    from ..manifest import load_manifest
+    from ..core.loading import load_tokenizer
     from .checkpoint import export_checkpoint
 
     run_dir = run_dir_of(cfg)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from ms_ray.data.convert import convert, parse_policy
+from ms_ray.config import parse_policy
+from ms_ray.data.convert import convert
 from ms_ray.data.tables import Conversation, Dropped, Turn, stream_tokens
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from ms_ray.config import PrepareConfig, load_config
 from ms_ray.core.streams import SchemaError, StreamSchema, StreamSpec
-from ms_ray.data.pipeline import PrepareError, load_manifest, prepare
+from ms_ray.data.pipeline import PrepareError, prepare
+from ms_ray.manifest import load_manifest
 
 SCHEMA = {"streams": [
     {"name": "user", "role": "input"}, {"name": "think", "role": "output"},

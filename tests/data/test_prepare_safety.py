@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ms_ray.config import PrepareConfig, load_config
-from ms_ray.data.pipeline import PrepareError, PrepareRefused, heartbeat, load_manifest, prepare
+from ms_ray.data.pipeline import PrepareError, PrepareRefused, heartbeat, prepare
+from ms_ray.manifest import load_manifest
 from ms_ray.data.staging import check_output, exchange, recover, sibling, swap_in
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from ms_ray.core.decode import Sampling
 from ms_ray.data.skills import SKILL_STREAMS
 from ms_ray.data.tokenizer import train_bpe
 from ms_ray.serving.sessions import EngineSettings, IncrementalText, ServeError, SessionEngine
-from ms_ray.serving.tools import run_call
+from ms_ray.tools import run_call
 
 WAIT = 30  # seconds: a bound that a working engine never comes near
 FAST = dict(row_interval_s=0)

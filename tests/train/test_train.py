@@ -9,7 +9,7 @@ from ms_ray.cli import main
 from ms_ray.config import PrepareConfig, TrainConfig, load_config
 from ms_ray.core.model import MultiStreamLM
 from ms_ray.data.pipeline import prepare
-from ms_ray.train.tracking import read_metrics
+from ms_ray.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

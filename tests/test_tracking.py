@@ -11,7 +11,7 @@ import torch
 from conftest import make_model
 from ms_ray.train.checkpoint import NonFiniteWeights, export_model
 from ms_ray.train.run import fit
-from ms_ray.train.tracking import (DIVERGED, Progress, TrainingDiverged, divergence_message, duration,
+from ms_ray.tracking import (DIVERGED, Progress, TrainingDiverged, divergence_message, duration,
                                    non_finite, read_divergence, step_line, write_divergence)
 
 
@@ -30,7 +30,7 @@ def test_duration():
 
 def test_progress_prints_plain_lines_with_eta_when_not_a_terminal(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("ms_ray.train.tracking.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("ms_ray.tracking.time.perf_counter", lambda: now[0])
     out = io.StringIO()
     p = Progress(200, "eval (streams)", file=out, every_s=30)  # StringIO: not a terminal
     for t, done in ((10, 10), (31, 62), (40, 80), (100, 200)):

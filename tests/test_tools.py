@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ms_ray.serving.tools import MAX_EXPRESSION, MAX_POWER, ToolError, calculator, run_call
+from ms_ray.tools import MAX_EXPRESSION, MAX_POWER, ToolError, calculator, run_call
 
 
 @pytest.mark.parametrize("call, expected", [
@@ -83,7 +83,7 @@ def test_result_over_int_digit_limit_is_error_text():
 
 def test_nested_powers_are_refused_quickly():
     call = "((((9**64)**64)**64)**64)"  # 9 ** (64 ** 4): about 16 million digits
-    code = f"from ms_ray.serving.tools import run_call; print(run_call({call!r}))"
+    code = f"from ms_ray.tools import run_call; print(run_call({call!r}))"
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3)
     except subprocess.TimeoutExpired:

@@ -1,37 +1,19 @@
-"""One typed config tree, loaded from YAML with dotted command-line overrides.
-
-    cfg = load_config(DemoConfig, "jobs/demo.yaml", ["model.hidden_size=64"])
-
-Unknown keys and wrong types fail at load time with the file and the dotted field named,
-before anything expensive starts.
-"""
+"""The configs of the job commands (`ms-ray demo`, `prepare`, `tokenizer`, `train`, `export`,
+`eval`, `compare`): jobs/*.yaml parsed into these models, every field checked at load time."""
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from ..core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
+from ..manifest import MANIFEST
+from .base import Strict, check_paths, exported_model, parse_policy, plain_name
 
 if TYPE_CHECKING:
-    from .core.decode import Sampling, StopRules
-from .core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and the field."""
-
-
-def check_paths(info: ValidationInfo) -> bool:
-    """Input paths must exist, except where a caller only checks a config's shape."""
-    return (info.context or {}).get("check_paths", True)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    from ..core.decode import Sampling, StopRules
 
 
 # ---- shared sections ---------------------------------------------------------------------
@@ -84,7 +66,7 @@ class SamplingConfig(Strict):
     silence_penalty: float = 0.0
 
     def build(self) -> Sampling:
-        from .core.decode import Sampling  # torch is imported only where a model runs (not in the ingress)
+        from ..core.decode import Sampling  # torch is imported only where a model runs (not in the ingress)
 
         return Sampling(**self.model_dump())
 
@@ -97,7 +79,7 @@ class DecodeConfig(Strict):
     seed: int = 0
 
     def stop_rules(self) -> StopRules:
-        from .core.decode import StopRules
+        from ..core.decode import StopRules
 
         ends = tuple(self.end_streams) if self.end_streams is not None else None
         return StopRules(self.max_new_rows, ends, self.silent_rows)
@@ -156,8 +138,6 @@ class SourceConfig(Strict):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, v: str) -> str:
-        from .data.convert import parse_policy
-
         parse_policy(v)
         return v.replace(" ", "")
 
@@ -306,14 +286,6 @@ class WandbConfig(Strict):
     entity: str | None = None
 
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def plain_name(value: str) -> str:
-    """A name that becomes one folder: letters, digits, '.', '_', '-'; never a path."""
-    if not NAME.match(value):
-        raise ValueError(f"{value!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')")
-    return value
 
 
 class RunConfig(Strict):
@@ -347,8 +319,6 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _data_exists(self, info: ValidationInfo):
-        from .data.pipeline import MANIFEST
-
         if check_paths(info) and not self.data.prepare and not (Path(self.data.path) / MANIFEST).exists():
             raise ValueError(f"data.path: {self.data.path} has no {MANIFEST}; run `ms-ray prepare` or set data.prepare")
         if check_paths(info) and self.data.prepare and not Path(self.data.prepare).exists():
@@ -358,14 +328,6 @@ class TrainConfig(Strict):
         return self
 
 
-def exported_model(folder: str, info: ValidationInfo) -> str:
-    """A model folder must be a whole MultiStreamLM export before a replica or an evaluation
-    tries to load it (a bad one otherwise fails inside Ray, retried, after 30 s)."""
-    if check_paths(info):
-        from .core.export import check_export
-
-        check_export(folder)  # ExportError is a ValueError: reported against the field
-    return folder
 
 
 # ---- evaluation (`ms-ray eval`, `ms-ray compare`) ----------------------------------------
@@ -415,219 +377,3 @@ class CompareConfig(Strict):
             if check_paths(info) and not Path(getattr(self, arm).train).exists():
                 raise ValueError(f"{arm}.train: config {getattr(self, arm).train} does not exist")
         return self
-
-
-# ---- serving (`ms-ray serve`, serve/*.yaml) ---------------------------------------------
-class RoleConfig(Strict):
-    """What a client holding one of `keys` may do (see serve/PROTOCOL.md)."""
-
-    keys: list[str] = []  # API keys; "env:NAME" takes the key from that environment variable (unset: skipped)
-    open: bool = True  # may open new sessions (others attach to a session by id)
-    write: list[str] = []  # input streams it may append to
-    force: list[str] = []  # output streams it may force (teacher forcing: the model's cell is replaced)
-    read: list[str] = ["*"]  # streams it may read; "*" = every stream of the model
-    hidden: list[str] = []  # taken out of `read`
-
-
-DEFAULT_ROLES = {
-    "user": RoleConfig(write=["user"], hidden=["think"]),
-    "tool": RoleConfig(open=False, write=["tool"], read=["tool_call", "tool"]),
-    "operator": RoleConfig(write=["system", "user"], hidden=["think"]),
-    "monitor": RoleConfig(open=False),
-}
-
-
-class ModelReplicaConfig(Strict):
-    """The model deployment: each replica owns one batched decoder and its sessions."""
-
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
-    target_sessions_per_replica: float = Field(8, gt=0)  # autoscaling target (live session streams)
-    max_sessions_per_replica: int = Field(16, gt=0)  # beyond: "busy"
-    max_ongoing_requests: int | None = Field(None, gt=0)  # default: 4 x max_sessions + 16
-    max_queued_requests: int = Field(256, ge=1)  # calls waiting for a replica (bursts of opens); beyond: "busy"
-    upscale_delay_s: float = Field(10, ge=0)
-    downscale_delay_s: float = Field(300, ge=0)
-    look_back_period_s: float = Field(30, gt=0)  # the load is averaged over this window
-    # Serve picks which replica a downscale stops (by node, not by load): its sessions end with
-    # session_lost after at most this long, and their clients reopen elsewhere.
-    graceful_shutdown_timeout_s: float = Field(10, ge=0)
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _bounds(self):
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
-        return self
-
-
-class SessionConfig(Strict):
-    row_interval_s: float = Field(0.05, ge=0)  # the row clock; 0 = as fast as the model goes
-    max_rows: int = Field(4096, gt=0)
-    end_on_end_token: bool = False  # end a session once its output says its end token
-    quiet_after_end: bool = True  # else: after its end token a stream stays silent until new input
-    silent_rows: int | None = Field(None, gt=0)  # end after this many all-silent rows
-    idle_timeout_s: float = Field(60, gt=0)  # end a session nobody reads or writes for this long
-    backlog_rows: int = Field(2048, ge=0)  # rows kept for late subscribers (SSE after POST)
-    max_append_chars: int = Field(16384, gt=0)
-    sampling: dict[str, SamplingConfig] = {}  # per output stream; missing streams are greedy
-    seed: int = 0
-
-
-class ToolsConfig(Strict):
-    enabled: bool = True  # needs both streams in the model's schema
-    call_stream: str = "tool_call"
-    result_stream: str = "tool"
-    timeout_s: float = Field(10, gt=0)
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0, ge=0)
-
-
-class IngressConfig(Strict):
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0, ge=0)
-    max_connections: int = Field(1024, gt=0)  # per ingress replica: every open WebSocket/SSE stream counts
-    max_queued_connections: int = Field(1024, gt=0)  # waiting for an ingress replica; beyond: HTTP 503
-    max_frame_bytes: int = Field(65536, gt=0)  # client frames and HTTP bodies
-    call_timeout_s: float = Field(10, gt=0)  # any call to the model deployment
-    anonymous_role: str | None = "user"  # the role of a client without a key; None: a key is required
-    retry_after_s: int = Field(5, ge=1)  # told to "busy" clients
-
-
-class ServeConfig(Strict):
-    """`ms-ray serve` and the `args` of serve/*.yaml: one app, three deployments."""
-
-    checkpoint: str  # a MultiStreamLM folder (`ms-ray train` exports one)
-    name: str = "ms_ray"
-    route_prefix: str = "/"
-    host: str = "127.0.0.1"  # `ms-ray serve` only; serve/*.yaml use http_options
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    model: ModelReplicaConfig = ModelReplicaConfig()
-    session: SessionConfig = SessionConfig()
-    tools: ToolsConfig = ToolsConfig()
-    ingress: IngressConfig = IngressConfig()
-    roles: dict[str, RoleConfig] = DEFAULT_ROLES
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    access_log: bool = False  # one line per call (every append): off unless debugging
-
-    @model_validator(mode="after")
-    def _checks(self, info: ValidationInfo):
-        if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
-            raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles {sorted(self.roles)}")
-        return self
-
-    _checkpoint = field_validator("checkpoint")(exported_model)
-
-
-def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> tuple[ServeConfig, dict]:
-    """A Serve config file (serve/*.yaml): our ServeConfig is its first application's `args`;
-    its http_options give host and port. Returns (config, the whole file as a dict)."""
-    source = str(path)
-    tree = read_yaml(path)
-    apps = (tree or {}).get("applications") if isinstance(tree, dict) else None
-    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
-        raise ConfigError(f"{source}: expected a Serve config with applications[0].args holding the ms_ray settings")
-    data = dict(apps[0]["args"])
-    http = tree.get("http_options") if isinstance(tree.get("http_options"), dict) else {}
-    for key in ("host", "port"):
-        if key in http:
-            data.setdefault(key, http[key])
-    data.setdefault("name", apps[0].get("name", "ms_ray"))
-    data.setdefault("route_prefix", apps[0].get("route_prefix", "/"))
-    cfg = load_config(ServeConfig, None, overrides, data=data, check_paths=check_paths,
-                      source=f"{source} applications[0].args")
-    return cfg, tree
-
-
-# ---- loading -----------------------------------------------------------------------------
-C = TypeVar("C", bound=BaseModel)
-
-
-# Besides YAMLError, PyYAML's constructors raise these for some scalars ("2020-13-45", "!!bool x",
-# "!!timestamp x", integers of over 4300 digits), and its composer RecursionError for deep nesting.
-YAML_LEAKS = (RecursionError, ValueError, TypeError, KeyError, AttributeError)
-
-
-def yaml_leak(e: Exception) -> str:
-    return "nested too deeply" if isinstance(e, RecursionError) else f"a value YAML cannot read ({str(e).split(';')[0]})"
-
-
-def read_yaml(path: str | Path):
-    """A YAML file's content, or a ConfigError naming the file and what is wrong with it."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {source} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{source} is a folder, not a config file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{source} is not a text (UTF-8) file (byte {e.start}): give a YAML config") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {source}: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    except YAML_LEAKS as e:
-        raise ConfigError(f"{source}: not valid YAML: {yaml_leak(e)}") from None
-
-
-def apply_override(tree: dict, override: str) -> tuple[str, ...]:
-    """Apply one `a.b.c=value` override in place (the value is parsed as YAML); returns the key's path."""
-    key, sep, raw = override.partition("=")
-    parts = tuple(p.strip() for p in key.strip().split("."))
-    if not sep or not all(parts):
-        raise ConfigError(f"override {override!r}: expected dotted.key=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
-                          "quote it, e.g. key='[1'") from None
-    except YAML_LEAKS as e:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML: {yaml_leak(e)}") from None
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-    return parts
-
-
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
-                check_paths: bool = True, source: str | None = None) -> C:
-    """Build `cls` from a YAML file (or a dict) plus dotted overrides, or raise ConfigError.
-    An error is reported against the override that set the field, else against the file.
-    check_paths=False skips the existence of input paths (checking shipped configs' shape)."""
-    source = source or (str(path) if path else "<config>")
-    tree = dict(data or {})
-    if path is not None:
-        loaded = read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of settings, got {type(loaded).__name__}")
-        tree.update(loaded or {})
-    set_by = {apply_override(tree, o): o for o in overrides}
-    try:
-        return cls.model_validate(tree, context={"check_paths": check_paths})
-    except OSError as e:  # a path check that cannot even ask (e.g. a name over 255 bytes)
-        raise ConfigError(f"{source}: cannot check path {e.filename!r}: {e.strerror or e}") from None
-    except UnicodeError:  # pydantic cannot even report a str holding an unpaired surrogate
-        raise ConfigError(f"{source}: a value is not Unicode text: it holds an unpaired surrogate such as "
-                          "\"\\ud800\" (YAML does not join \\uD83D\\uDE00 pairs: write the character, or \\U0001F600)") from None
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = tuple(str(p) for p in err["loc"])
-            override = next((o for keys, o in set_by.items() if loc[: len(keys)] == keys or keys[: len(loc)] == loc
-                             and loc), None)
-            where = f"override {override} (over {source})" if override else source
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {'.'.join(loc) or cls.__name__}: {msg}")
-        raise ConfigError("\n".join(lines)) from None

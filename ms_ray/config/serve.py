@@ -1,0 +1,137 @@
+"""The config of `ms-ray serve`: the `args` of serve/*.yaml (one app, three deployments),
+roles and their keys, sessions, tools, the ingress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from .base import ConfigError, Strict, exported_model, load_config, read_yaml
+from .jobs import SamplingConfig
+
+
+# ---- serving (`ms-ray serve`, serve/*.yaml) ---------------------------------------------
+class RoleConfig(Strict):
+    """What a client holding one of `keys` may do (see serve/PROTOCOL.md)."""
+
+    keys: list[str] = []  # API keys; "env:NAME" takes the key from that environment variable (unset: skipped)
+    open: bool = True  # may open new sessions (others attach to a session by id)
+    write: list[str] = []  # input streams it may append to
+    force: list[str] = []  # output streams it may force (teacher forcing: the model's cell is replaced)
+    read: list[str] = ["*"]  # streams it may read; "*" = every stream of the model
+    hidden: list[str] = []  # taken out of `read`
+
+
+DEFAULT_ROLES = {
+    "user": RoleConfig(write=["user"], hidden=["think"]),
+    "tool": RoleConfig(open=False, write=["tool"], read=["tool_call", "tool"]),
+    "operator": RoleConfig(write=["system", "user"], hidden=["think"]),
+    "monitor": RoleConfig(open=False),
+}
+
+
+class ModelReplicaConfig(Strict):
+    """The model deployment: each replica owns one batched decoder and its sessions."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_sessions_per_replica: float = Field(8, gt=0)  # autoscaling target (live session streams)
+    max_sessions_per_replica: int = Field(16, gt=0)  # beyond: "busy"
+    max_ongoing_requests: int | None = Field(None, gt=0)  # default: 4 x max_sessions + 16
+    max_queued_requests: int = Field(256, ge=1)  # calls waiting for a replica (bursts of opens); beyond: "busy"
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+    look_back_period_s: float = Field(30, gt=0)  # the load is averaged over this window
+    # Serve picks which replica a downscale stops (by node, not by load): its sessions end with
+    # session_lost after at most this long, and their clients reopen elsewhere.
+    graceful_shutdown_timeout_s: float = Field(10, ge=0)
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+
+class SessionConfig(Strict):
+    row_interval_s: float = Field(0.05, ge=0)  # the row clock; 0 = as fast as the model goes
+    max_rows: int = Field(4096, gt=0)
+    end_on_end_token: bool = False  # end a session once its output says its end token
+    quiet_after_end: bool = True  # else: after its end token a stream stays silent until new input
+    silent_rows: int | None = Field(None, gt=0)  # end after this many all-silent rows
+    idle_timeout_s: float = Field(60, gt=0)  # end a session nobody reads or writes for this long
+    backlog_rows: int = Field(2048, ge=0)  # rows kept for late subscribers (SSE after POST)
+    max_append_chars: int = Field(16384, gt=0)
+    sampling: dict[str, SamplingConfig] = {}  # per output stream; missing streams are greedy
+    seed: int = 0
+
+
+class ToolsConfig(Strict):
+    enabled: bool = True  # needs both streams in the model's schema
+    call_stream: str = "tool_call"
+    result_stream: str = "tool"
+    timeout_s: float = Field(10, gt=0)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0, ge=0)
+
+
+class IngressConfig(Strict):
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0, ge=0)
+    max_connections: int = Field(1024, gt=0)  # per ingress replica: every open WebSocket/SSE stream counts
+    max_queued_connections: int = Field(1024, gt=0)  # waiting for an ingress replica; beyond: HTTP 503
+    max_frame_bytes: int = Field(65536, gt=0)  # client frames and HTTP bodies
+    call_timeout_s: float = Field(10, gt=0)  # any call to the model deployment
+    anonymous_role: str | None = "user"  # the role of a client without a key; None: a key is required
+    retry_after_s: int = Field(5, ge=1)  # told to "busy" clients
+
+
+class ServeConfig(Strict):
+    """`ms-ray serve` and the `args` of serve/*.yaml: one app, three deployments."""
+
+    checkpoint: str  # a MultiStreamLM folder (`ms-ray train` exports one)
+    name: str = "ms_ray"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # `ms-ray serve` only; serve/*.yaml use http_options
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    model: ModelReplicaConfig = ModelReplicaConfig()
+    session: SessionConfig = SessionConfig()
+    tools: ToolsConfig = ToolsConfig()
+    ingress: IngressConfig = IngressConfig()
+    roles: dict[str, RoleConfig] = DEFAULT_ROLES
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False  # one line per call (every append): off unless debugging
+
+    @model_validator(mode="after")
+    def _checks(self, info: ValidationInfo):
+        if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
+            raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles {sorted(self.roles)}")
+        return self
+
+    _checkpoint = field_validator("checkpoint")(exported_model)
+
+
+def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> tuple[ServeConfig, dict]:
+    """A Serve config file (serve/*.yaml): our ServeConfig is its first application's `args`;
+    its http_options give host and port. Returns (config, the whole file as a dict)."""
+    source = str(path)
+    tree = read_yaml(path)
+    apps = (tree or {}).get("applications") if isinstance(tree, dict) else None
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
+        raise ConfigError(f"{source}: expected a Serve config with applications[0].args holding the ms_ray settings")
+    data = dict(apps[0]["args"])
+    http = tree.get("http_options") if isinstance(tree.get("http_options"), dict) else {}
+    for key in ("host", "port"):
+        if key in http:
+            data.setdefault(key, http[key])
+    data.setdefault("name", apps[0].get("name", "ms_ray"))
+    data.setdefault("route_prefix", apps[0].get("route_prefix", "/"))
+    cfg = load_config(ServeConfig, None, overrides, data=data, check_paths=check_paths,
+                      source=f"{source} applications[0].args")
+    return cfg, tree

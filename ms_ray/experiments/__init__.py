@@ -1,0 +1,1 @@
+"""Experiments built from the other layers (train + evaluate + report): the top floor."""
