@@ -49,8 +49,9 @@ compare: $(STAMP)
 	rm -rf runs/compare/tiny
 	$(VENV)/bin/ms-ray compare jobs/compare-tiny.yaml
 
+# Everything, slow scenarios included (plain `pytest` runs only the fast part).
 test: $(STAMP) browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

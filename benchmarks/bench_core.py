@@ -120,8 +120,8 @@ def make_model() -> MultiStreamLM:
 def make_work(sessions: int, prefill_rows: int, n_rows: int, C: int, seed: int = 0):
     """Per session: prefill rows [P, C] and the user tokens pushed on the input stream."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(2, 256, (prefill_rows, C), generator=g), torch.randint(2, 256, (n_rows,), generator=g).tolist())
-            for _ in range(sessions)]
+    return [(torch.randint(2, 256, (prefill_rows, C), generator=g),
+             torch.randint(2, 256, (n_rows,), generator=g).tolist()) for _ in range(sessions)]
 
 
 def run_ours(model, work, n_rows: int, keep_logits: bool = False):
@@ -204,7 +204,8 @@ def bench_decode(model, prefill_rows: int, n_rows: int, batch: int, repeats: int
         naive = min(naive, run_naive(model, *work[0], n_rows)[0])
     rate = {"one": n_rows / one, "many": batch * n_rows / many, "naive": n_rows / naive}
     rows = []
-    for name, key, sessions, secs in (("ours, 1 session", "one", 1, one), (f"ours, {batch} sessions batched", "many", batch, many),
+    for name, key, sessions, secs in (("ours, 1 session", "one", 1, one),
+                                      (f"ours, {batch} sessions batched", "many", batch, many),
                                       ("naive loop (release)", "naive", 1, naive)):
         rows.append([name, prefill_rows, sessions, sessions * n_rows, f"{secs:.3f}", f"{rate[key]:,.0f}",
                      f"{rate[key] / rate['one']:.2f}x", f"{rate[key] / rate['naive']:.2f}x"])
@@ -226,7 +227,8 @@ def main() -> None:
 
     print(f"## (a) Mask building, C = 4 streams, one document ({'quick' if args.quick else 'full'} run)\n")
     print(bench_masks((1024, 4096, 8192), 4, budget_s, repeats))
-    print("\nBoth masks are dense fp32 [1, 1, S, S]; FlexAttention's BlockMask (GPU) stores O(S^2/128^2) blocks instead.\n")
+    print("\nBoth masks are dense fp32 [1, 1, S, S]; "
+          "FlexAttention's BlockMask (GPU) stores O(S^2/128^2) blocks instead.\n")
 
     model = make_model()
     print(f"## (b) Decoding, tiny Llama (hidden 128, 2 layers, 4 heads, vocab 256), C = 3, {n_rows} rows, greedy\n")

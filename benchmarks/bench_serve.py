@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -109,7 +108,8 @@ def goals(results: list[dict]) -> str:
     ratio = sixteen["rows_per_s"] / one["rows_per_s"]
     spread = sixteen["p99_ms"] / one["p50_ms"]
     return (f"- 16 sessions = {ratio:.1f}x the rows/s of one (goal >= 8x): {'met' if ratio >= 8 else 'MISSED'}\n"
-            f"- p99 interval at 16 = {spread:.1f}x the single-session p50 (goal < 3x): {'met' if spread < 3 else 'MISSED'}")
+            f"- p99 interval at 16 = {spread:.1f}x the single-session p50 (goal < 3x): "
+            f"{'met' if spread < 3 else 'MISSED'}")
 
 
 def main() -> None:

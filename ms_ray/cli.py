@@ -1,21 +1,46 @@
-"""`ms-ray`: one command per task, each a function over a typed config."""
+"""`ms-ray`: one command per task.
+
+A job command is `ms-ray COMMAND [CONFIG] [key=value ...]`: a YAML config file (each command has
+a default) and dotted overrides make the command's typed config, and one function runs over it.
+A checkpoint, an address or an output folder is a field like any other: checkpoint=PATH,
+address=auto, out=DIR. The cluster commands (submit, jobs, preflight) talk to a running cluster
+and keep options of their own (--address, --follow, --token, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import os
+import shlex
 import sys
+import typing
+from pathlib import Path
+from typing import Callable, NamedTuple
 
-from .config import (CompareConfig, ConfigError, DemoConfig, EvalJobConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig,
-                     load_config, load_serve_file)
+from .config import (
+    CompareConfig,
+    ConfigError,
+    DemoConfig,
+    EvalJobConfig,
+    ExportConfig,
+    PrepareConfig,
+    ServeConfig,
+    TokenizerTrainConfig,
+    TrainConfig,
+    load_config,
+    load_serve_file,
+)
 from .core.streams import SchemaError
-from .data.pipeline import PrepareError
+from .data.staging import PrepareError
 from .ray_env import RayAddressError, set_environment
 from .submit import SubmitError
 from .tracking import TrainingDiverged
 
-REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)
-FAILED = (PrepareError, TrainingDiverged)  # the work ran and stopped for a stated reason; what was kept is said
+REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)  # exit 2: bad input, nothing run
+FAILED = (PrepareError, TrainingDiverged)  # exit 1: the work ran and stopped for a stated reason; what was kept is said
+INTERRUPTED = 130  # Ctrl-C (and SIGTERM where a command turns it into Ctrl-C: serve)
 
 
 def demo(cfg: DemoConfig) -> list:
@@ -61,142 +86,186 @@ def tokenizer_train(cfg: TokenizerTrainConfig):
 
     start = time.perf_counter()
     schema = cfg.schema_.build()
-    tokenizer = train_bpe(corpus_texts(cfg.chitchat_limit, cfg.skills, cfg.files), schema, cfg.vocab_size, cfg.min_frequency)
+    texts = corpus_texts(cfg.chitchat_limit, cfg.skills, cfg.files)
+    tokenizer = train_bpe(texts, schema, cfg.vocab_size, cfg.min_frequency)
     tokenizer.save_pretrained(cfg.output)
-    print(f"ms-ray tokenizer train: {len(tokenizer)} tokens, hash {tokenizer_hash(tokenizer)}, "
+    print(f"ms-ray tokenizer: {len(tokenizer)} tokens, hash {tokenizer_hash(tokenizer)}, "
           f"saved to {cfg.output} in {time.perf_counter() - start:.1f} s")
     return tokenizer
 
 
-def prepare(cfg: PrepareConfig):
-    from .data.pipeline import prepare as run_prepare
-
-    return run_prepare(cfg)
-
-
-def train(cfg: TrainConfig, address: str | None = None):
-    from .train.run import train as run_train
-
-    return run_train(cfg.model_copy(update={"address": address}) if address else cfg)
-
-
-def export(cfg: TrainConfig, checkpoint: str | None = None, out: str | None = None):
+def export(cfg: ExportConfig):
+    """Consolidate a run's checkpoint (checkpoint=PATH, default: its latest) into out=DIR."""
     from .train.run import export as run_export
 
-    return run_export(cfg, checkpoint, out)
+    return run_export(cfg, cfg.checkpoint, cfg.out)
 
 
-def serve(cfg, blocking: bool = True):
-    """`ms-ray serve CHECKPOINT`: the Serve app on an embedded local Ray (127.0.0.1 unless told)."""
-    from .serving.app import serve_local
+class Command(NamedTuple):
+    """One row of the table. `function` is "module:function" (or a function of this file), imported
+    only when the command runs, after ray_env.set_environment: Ray reads part of its environment
+    (e.g. which address to bind) once, at import. A job command's function takes its typed config;
+    a cluster command's (config None) takes its parsed options as keywords and returns the exit code."""
 
-    return serve_local(cfg, blocking)
-
-
-def eval_command(cfg: EvalJobConfig):
-    from .evaluation.run import eval_checkpoint
-
-    return eval_checkpoint(cfg)
-
-
-def compare(cfg: CompareConfig):
-    from .experiments.compare import compare as run_compare
-
-    return run_compare(cfg)
+    function: str | Callable
+    config: type | None  # the typed config of `COMMAND [CONFIG] [key=value ...]`; None: a cluster command
+    default: str | None  # the config file when none is given
+    help: str
+    example: str = ""  # key=value words shown in the command's --help
 
 
-COMMANDS = {  # name: (function, config class, default config, help)
-    "demo": (demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model"),
-    "prepare": (prepare, PrepareConfig, "jobs/data-skills.yaml", "build packed stream-table shards on Ray Data"),
-    "tokenizer": (tokenizer_train, TokenizerTrainConfig, "jobs/tokenizer.yaml", "train: a byte-level BPE tokenizer"),
-    "train": (train, TrainConfig, "jobs/tiny.yaml", "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume"),
-    "export": (export, TrainConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder"),
-    "serve": (serve, None, "serve/local.yaml", "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)"),
-    "eval": (eval_command, EvalJobConfig, "jobs/eval.yaml", "score a skills checkpoint: exact match, latency, behaviours"),
-    "compare": (compare, CompareConfig, "jobs/compare-tiny.yaml", "multi-stream vs single-stream baseline, same budget"),
+COMMANDS = {
+    "demo": Command(demo, DemoConfig, "jobs/demo.yaml", "decode a scripted session with a tiny random model",
+                    "model.family=qwen3 decode.max_new_rows=32"),
+    "prepare": Command("ms_ray.data.pipeline:prepare", PrepareConfig, "jobs/data-skills.yaml",
+                       "build packed stream-table shards on Ray Data", "output=runs/data/x address=auto"),
+    "tokenizer": Command(tokenizer_train, TokenizerTrainConfig, "jobs/tokenizer.yaml",
+                         "train a byte-level BPE tokenizer on shipped text", "vocab_size=4096 output=runs/tok"),
+    "train": Command("ms_ray.train.run:train", TrainConfig, "jobs/tiny.yaml",
+                     "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume",
+                     "optim.max_steps=500 address=auto"),
+    "export": Command(export, ExportConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder",
+                      "checkpoint=PATH out=DIR"),
+    "serve": Command("ms_ray.serving.app:serve_local", ServeConfig, "serve/local.yaml",
+                     "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)",
+                     "checkpoint=runs/train/tiny/export port=8001"),
+    "eval": Command("ms_ray.evaluation.run:eval_checkpoint", EvalJobConfig, "jobs/eval.yaml",
+                    "score a skills checkpoint: exact match, latency, behaviours",
+                    "checkpoint=runs/train/tiny/export eval.examples_per_task=10"),
+    "compare": Command("ms_ray.experiments.compare:compare", CompareConfig, "jobs/compare-tiny.yaml",
+                       "multi-stream vs single-stream baseline, same budget", "output=runs/compare/x"),
+    # talk to a running cluster; options of their own (CLUSTER_OPTIONS)
+    "submit": Command("ms_ray.submit:submit", None, None,
+                      "run a train, prepare, tokenizer, eval or compare config as a Ray Job on a cluster"),
+    "jobs": Command("ms_ray.submit:jobs_command", None, None, "list, logs or stop Ray Jobs"),
+    "preflight": Command("ms_ray.preflight:preflight_command", None, "jobs/tiny.yaml",
+                         "check storage, versions, GPUs, backend and W&B on every node"),
 }
-WITH_CHECKPOINT = ("serve", "eval")  # CHECKPOINT is positional, the config file is --config
-
-
+FORM = "ms-ray {} [CONFIG] [key=value ...]"
 DASHBOARD = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
-SUBMITTABLE = "train, prepare, tokenizer, eval or compare"
+ADDRESS = f"the head's dashboard (default {DASHBOARD})"
+OVERRIDES = dict(nargs="*", metavar="key=value", help="dotted.key=value, e.g. optim.max_steps=500")
+CLUSTER_OPTIONS = {  # (flags, argparse keywords) per cluster command
+    "submit": [(["config"], dict(metavar="CONFIG", help="a train, prepare, tokenizer, eval or compare config file "
+                                                        "inside --working-dir")),
+               (["overrides"], dict(OVERRIDES, help="dotted.key=value, passed to the job's command")),
+               (["--address"], dict(default=DASHBOARD, help=ADDRESS)),
+               (["--follow"], dict(action="store_true", help="print the logs and exit with the job's status")),
+               (["--name"], dict(help="submission id (default: Ray's)")),
+               (["--working-dir"], dict(default=".", help="uploaded as the job's working directory (default: .)")),
+               (["--env"], dict(action="append", default=[], metavar="KEY=VALUE", help="environment of the job")),
+               (["--token"], dict(help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+                                       "~/.ray/auth_token)"))],
+    "jobs": [(["action"], dict(choices=["list", "logs", "stop"])),
+             (["job_id"], dict(nargs="?", help="a submission id (see `ms-ray jobs list`)")),
+             (["--address"], dict(default=DASHBOARD, help=ADDRESS)),
+             (["--follow"], dict(action="store_true", help="logs: follow them until the job ends")),
+             (["--token"], dict(help="cluster token (as for submit)"))],
+    "preflight": [(["config"], dict(nargs="?", default="jobs/tiny.yaml", metavar="CONFIG",
+                                    help="the training config to check for (default jobs/tiny.yaml)")),
+                  (["overrides"], OVERRIDES),
+                  (["--address"], dict(help="a running cluster (GCS HOST:PORT or auto; default: the config's "
+                                            "address, RAY_ADDRESS, or a local Ray)")),
+                  (["--token"], dict(help="cluster token (as for submit)"))],
+}
 
 
-def add_cluster_commands(sub) -> None:
-    """Commands that talk to a running cluster (Ray Jobs, preflight): not config-shaped."""
-    p = sub.add_parser("submit", help=f"run a {SUBMITTABLE} config as a Ray Job on a cluster")
-    p.add_argument("config", help=f"a {SUBMITTABLE} config file inside --working-dir")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value, passed to the job's command")
-    p.add_argument("--address", default=DASHBOARD, help=f"the head's dashboard (default {DASHBOARD})")
-    p.add_argument("--follow", action="store_true", help="print the logs and exit with the job's status")
-    p.add_argument("--name", help="submission id (default: Ray's)")
-    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job")
-    p.add_argument("--token", help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-    p = sub.add_parser("jobs", help="list, logs or stop Ray Jobs")
-    p.add_argument("action", choices=["list", "logs", "stop"])
-    p.add_argument("job_id", nargs="?", help="a submission id (see `ms-ray jobs list`)")
-    p.add_argument("--address", default=DASHBOARD, help=f"the head's dashboard (default {DASHBOARD})")
-    p.add_argument("--follow", action="store_true")
-    p.add_argument("--token")
-    p = sub.add_parser("preflight", help="check storage, versions, GPUs, backend and W&B on every node")
-    p.add_argument("config", nargs="?", default="jobs/tiny.yaml", help="the training config to check for (default jobs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    p.add_argument("--address", help="a running cluster (GCS address or 'auto'; default: RAY_ADDRESS or local)")
-    p.add_argument("--token")
-
-
-def run_cluster_command(args, extra: list[str]) -> int:
-    from .submit import jobs_command, submit, use_token
-
-    if args.command == "submit":
-        return submit(args.config, [*args.overrides, *extra], args.address, args.follow, args.token,
-                      args.working_dir, args.name, args.env)
-    if args.command == "jobs":
-        return jobs_command(args.action, args.address, args.job_id, args.follow, args.token)
-    from .preflight import preflight
-
-    use_token(args.token)
-    cfg = load_config(TrainConfig, args.config, [*args.overrides, *extra], check_paths=False)
-    set_environment(args.address)
-    return preflight(cfg, args.address)
+def fields(config: type) -> list[str]:
+    """The top-level keys of a config type, as written in its file (aliases: `schema`)."""
+    return [f.alias or name for name, f in config.model_fields.items()]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ms-ray", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, _, default, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "tokenizer":
-            p.add_argument("action", choices=["train"])
-        if name == "train":
-            p.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto) instead of starting a local one")
-        if name == "export":
-            p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
-            p.add_argument("--out", help="output folder (default: {storage}/{name}/export)")
-        if name in WITH_CHECKPOINT:
-            p.add_argument("checkpoint", nargs="?", help="an exported model folder (default: the config's `checkpoint`)")
-            p.add_argument("--config", default=default, help=f"a config file (default {default})")
-        else:
-            p.add_argument("config", nargs="?", default=default, help=f"a config file (default {default})")
-        p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.max_steps=500")
-    add_cluster_commands(sub)
+    parser = argparse.ArgumentParser(prog="ms-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        if cmd.config is None:
+            p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+            for flags, options in CLUSTER_OPTIONS[name]:
+                p.add_argument(*flags, **options)
+            continue
+        epilog = (f"key=value sets a field of {cmd.config.__name__} (dotted for a nested one); its top-level "
+                  f"fields: {', '.join(fields(cmd.config))}. E.g. ms-ray {name} {cmd.default} {cmd.example}")
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=epilog)
+        p.add_argument("config", nargs="?", default=cmd.default, metavar="CONFIG",
+                       help=f"a YAML config file (default {cmd.default})")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=f"a field of the config, e.g. {cmd.example}")
     return parser
 
 
-def load_command_config(args):
+def takes_a_checkpoint_path(config: type) -> bool:
+    """Whether the config's `checkpoint` is a folder (serve, eval, export), not train's section."""
+    field = config.model_fields.get("checkpoint")
+    return field is not None and (field.annotation is str or str in typing.get_args(field.annotation))
+
+
+def not_a_config_file(word: str, first: bool) -> str | None:
+    """Why `word` is a checkpoint given where CONFIG goes (the old `serve CHECKPOINT`): a folder,
+    or (in first place) a missing path not named like a config file; None when it may be CONFIG."""
+    path = Path(word)
+    if path.is_dir():
+        return f"{word} is a folder, not a config file"
+    if first and not path.exists() and path.suffix not in (".yaml", ".yml", ".json"):
+        return f"{word} does not exist and is not named like a config file"
+    return None
+
+
+def old_form(name: str, words: list[str]) -> str | None:
+    """One line when the words after a job command are in a form the CLI no longer takes (an
+    --option, a checkpoint or action word where CONFIG goes), showing the command in the form it
+    takes now; None when they are in that form. Nothing is run either way."""
+    keys, checkpoints = fields(COMMANDS[name].config), takes_a_checkpoint_path(COMMANDS[name].config)
+    config, settings, problems, rest = [], [], [], list(words)
+    while rest:
+        word = rest.pop(0)
+        if word in ("-h", "--help"):
+            return None
+        if word.startswith("-"):
+            flag, has_value, value = word.partition("=")
+            if not has_value and rest and not rest[0].startswith("-") and "=" not in rest[0]:
+                value = rest.pop(0)
+            key = flag.lstrip("-").replace("-", "_")
+            if key == "config":
+                config = [value]
+                problems.append(f"{flag} {value} is CONFIG, the first word after the command")
+            elif key in keys:
+                settings.append(f"{key}={value}")
+                problems.append(f"{flag} is the config field {key}= now")
+            else:
+                close = difflib.get_close_matches(key, keys, n=1)
+                settings += [f"{close[0]}={value}"] if close else []
+                problems.append(f"unrecognized arguments: {flag} {value}".rstrip()
+                                + (f" (did you mean {close[0]}=?)" if close else ""))
+        elif "=" in word:
+            settings.append(word)
+        elif name == "tokenizer" and word == "train" and not config and not Path(word).is_file():
+            problems.append("`tokenizer train` is `tokenizer` now")
+        elif checkpoints and (why := not_a_config_file(word, first=not config)):
+            settings.insert(0, f"checkpoint={word}")
+            problems.append(f"{why}: a checkpoint is given as checkpoint=PATH")
+        elif config:
+            settings.append(word)  # not key=value: the config loader says so
+        else:
+            config = [word]
+    if not problems:
+        return None
+    now = shlex.join(["ms-ray", name, *config, *settings])
+    return f"{'; '.join(problems)}. The form is `{FORM.format(name)}`: {now}"
+
+
+def load_command_config(cmd: Command, path: str, overrides: list[str]):
     """The command's typed config from its file and overrides (ConfigError names what is wrong)."""
-    _, config_class, default, _ = COMMANDS[args.command]
-    first = "checkpoint" if args.command in WITH_CHECKPOINT else "config"
-    if getattr(args, first) and "=" in getattr(args, first):  # only overrides were given
-        args.overrides = [getattr(args, first), *args.overrides]
-        setattr(args, first, None if first == "checkpoint" else default)
-    if args.command not in WITH_CHECKPOINT:
-        return load_config(config_class, args.config, args.overrides)
-    overrides = [f"checkpoint={args.checkpoint}", *args.overrides] if args.checkpoint else args.overrides
-    if args.command == "serve":
-        return load_serve_file(args.config, overrides)[0]
-    return load_config(config_class, args.config, overrides)
+    if cmd.config is ServeConfig:  # a Serve config file: ours is applications[0].args
+        return load_serve_file(path, overrides)[0]
+    return load_config(cmd.config, path, overrides)
+
+
+def imported(function: str | Callable) -> Callable:
+    if callable(function):
+        return function
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def what_was_kept(command: str, cfg) -> str:
@@ -212,37 +281,50 @@ def what_was_kept(command: str, cfg) -> str:
         return f"the data set in {cfg.output} is as it was before (a new one is swapped in only when complete)"
     if command == "compare" and cfg is not None:
         return f"finished training runs and their checkpoints are kept under {cfg.output}/train; run it again to resume"
+    if command in ("submit", "jobs"):
+        return "a job already submitted keeps running on the cluster (ms-ray jobs list, ms-ray jobs stop JOB)"
     return "nothing half-written was kept"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may also follow an --option
-    if any(a.startswith("-") or "=" not in a for a in extra) or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    prog, cfg = f"ms-ray {args.command}", None
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; the exit code says how it ended (0, 1 FAILED, 2 REFUSED, 130)."""
+    name, cmd, cfg = args.command, COMMANDS[args.command], None
     try:
-        if args.command in ("submit", "jobs", "preflight"):
-            return run_cluster_command(args, extra)
-        args.overrides = [*args.overrides, *extra]
-        cfg = load_command_config(args)
+        if cmd.config is None:
+            return imported(cmd.function)(**{k: v for k, v in vars(args).items() if k != "command"})
+        cfg = load_command_config(cmd, args.config, args.overrides)
         # Before anything imports Ray: it reads part of its environment (e.g. which address
-        # to bind) once, at import.
-        set_environment(getattr(args, "address", None) or getattr(cfg, "address", None))
-        run, extra_args = COMMANDS[args.command][0], {k: v for k, v in vars(args).items() if k in ("address", "out")}
-        if args.command == "export":
-            extra_args["checkpoint"] = args.checkpoint
-        run(cfg, **extra_args)
+        # to bind) once, at import. That is why the command's module is imported only now.
+        set_environment(getattr(cfg, "address", None))
+        imported(cmd.function)(cfg)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; {what_was_kept(args.command, cfg)}", file=sys.stderr, flush=True)
-        return 130
+        print(f"\nms-ray {name}: interrupted; {what_was_kept(name, cfg)}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except REFUSED as e:  # bad input: named, nothing started or nothing lost
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"ms-ray {name}: {e}", file=sys.stderr)
         return 2
     except FAILED as e:  # the work ran and failed for a stated reason (what was kept is named)
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"ms-ray {name}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].config is not None:
+        if problem := old_form(argv[0], argv[1:]):
+            print(f"ms-ray {argv[0]}: {problem}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # a cluster command's overrides may also follow an --option
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    default = COMMANDS[args.command].default
+    if default and "=" in args.config:  # no CONFIG, only key=value
+        args.config, args.overrides = default, [args.config, *args.overrides]
+    return run(args)
 
 
 if __name__ == "__main__":

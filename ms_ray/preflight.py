@@ -1,4 +1,6 @@
-"""`ms-ray preflight [CONFIG] [--address]`: what a long run needs, checked on every node first.
+"""`ms-ray preflight [CONFIG] [key=value ...] [--address A]`: what a long run needs, checked on
+every node first. CONFIG is the training config (default jobs/tiny.yaml); --address, else the
+config's `address`, else RAY_ADDRESS, else a local Ray.
 
   storage   each node writes a probe file under the run's storage and reads it back, then every
             node must see every other node's probe (checkpoints need ONE shared storage). Only
@@ -19,8 +21,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from .submit import SubmitError
+from .config import TrainConfig, load_config
+from .ray_env import init_ray, set_environment
+from .submit import SubmitError, use_token
+from .tracking import wandb_mode
 
 PACKAGES = ("torch", "ray", "deepspeed", "transformers")
 PROBE_TIMEOUT_S = 120
@@ -98,10 +104,6 @@ def on_every_node(ray, nodes: list[str], storage: str, phase: str) -> list[dict]
 def check_wandb(mode: str) -> tuple[bool, str]:
     """The W&B mode the run will use, by the run's own rule (tracking.wandb_mode), and whether it
     can work: offline/disabled always can; online needs WANDB_API_KEY and a reachable server."""
-    from types import SimpleNamespace
-
-    from .tracking import wandb_mode
-
     effective = wandb_mode(SimpleNamespace(mode=mode))
     key = "WANDB_API_KEY set" if effective == "online" else "no WANDB_API_KEY"
     how = f"wandb.mode={mode}" + (f" -> {effective} ({key})" if mode == "auto" else "")
@@ -140,9 +142,17 @@ def check_backend(use_gpu: bool, wrote: dict[str, dict]) -> tuple[bool, str]:
                   + (f"; CPU-only {cpu_only} run no GPU worker" if cpu_only else ""))
 
 
-def preflight(cfg, address: str | None = None) -> int:
-    from .ray_env import init_ray
+def preflight_command(config: str, overrides: list[str], address: str | None = None, token: str | None = None) -> int:
+    """`ms-ray preflight`: the checks for a training config (its input paths are the cluster's:
+    not checked here), on the cluster at `address` (default: the config's own `address`)."""
+    use_token(token)
+    cfg = load_config(TrainConfig, config, overrides, check_paths=False)
+    address = address or cfg.address
+    set_environment(address)
+    return preflight(cfg, address)
 
+
+def preflight(cfg, address: str | None = None) -> int:
     storage = str(Path(cfg.run.storage).absolute())  # every node gets the same path
     try:
         ray = init_ray(address)
@@ -152,35 +162,7 @@ def preflight(cfg, address: str | None = None) -> int:
     started = time.perf_counter()
     wrote = {r["node"]: r for r in on_every_node(ray, nodes, storage, "write")}
     seen = {r["node"]: r for r in on_every_node(ray, nodes, storage, "read")}
-    checks = []
-
-    absent = {n: r["missing"] for n, r in wrote.items() if "missing" in r}
-    failed = {n: r.get("error", "probe read back wrong") for n, r in wrote.items() if not r.get("storage")}
-    blind = {n: sorted(set(wrote) - set(r.get("seen", []))) for n, r in seen.items() if set(wrote) - set(r.get("seen", []))}
-    if absent:
-        detail = "; ".join(f"{m} does not exist on node {n} ({wrote[n]['host']})" for n, m in absent.items())
-        checks.append(("storage", False, f"run.storage {storage}: {detail}. Mount the shared storage there on every "
-                                         "node (preflight creates only the run.storage folder itself, inside an "
-                                         "existing one), or set run.storage to a path every node can write"))
-    elif failed:
-        detail = "; ".join(f"node {n} ({wrote[n]['host']}): {e}" for n, e in failed.items())
-        checks.append(("storage", False, f"cannot write {storage}: {detail}. Mount shared storage there on every "
-                                         "node, or set run.storage to a path every node can write"))
-    elif blind:
-        detail = "; ".join(f"node {n} does not see {m}" for n, m in blind.items())
-        checks.append(("storage", False, f"{storage} is not shared: {detail}. Checkpoints need one storage "
-                                         "all nodes mount (NFS, EFS, a ReadWriteMany volume)"))
-    else:
-        checks.append(("storage", True, f"{len(nodes)} node(s) wrote, read and see each other's probes in {storage}"))
-
-    versions = {n: r["versions"] for n, r in wrote.items()}
-    differ = [p for p in (*PACKAGES, "python") if len({v[p] for v in versions.values()}) > 1]
-    if differ or any("missing" in v.values() for v in versions.values()):
-        detail = "; ".join(f"{p}: " + ", ".join(f"{n}={v[p]}" for n, v in versions.items()) for p in differ or PACKAGES)
-        checks.append(("versions", False, f"{detail}. Install the same versions on every node (one image)"))
-    else:
-        one = next(iter(versions.values()))
-        checks.append(("versions", True, ", ".join(f"{p} {one[p]}" for p in (*PACKAGES, "python"))))
+    checks = [("storage", *check_storage(storage, wrote, seen)), ("versions", *check_versions(wrote))]
 
     gpus = {n: r["gpus"] for n, r in wrote.items()}
     if cfg.scaling.use_gpu and sum(gpus.values()) < cfg.scaling.num_workers:
@@ -188,12 +170,42 @@ def preflight(cfg, address: str | None = None) -> int:
                                       f"{gpus}: check drivers / the GPU worker group, or lower scaling.num_workers"))
     else:
         checks.append(("gpus", True, f"{sum(gpus.values())} GPU(s): " + ", ".join(f"{n}={g}" for n, g in gpus.items())))
-
     checks.append(("backend", *check_backend(cfg.scaling.use_gpu, wrote)))
-
     checks.append(("wandb", *check_wandb(cfg.wandb.mode)))
 
     print(f"ms-ray preflight: {len(nodes)} node(s), storage {storage}, {time.perf_counter() - started:.1f} s")
     for name, ok, detail in checks:
         print(f"  {'ok  ' if ok else 'FAIL'}  {name:<9} {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def check_storage(storage: str, wrote: dict[str, dict], seen: dict[str, dict]) -> tuple[bool, str]:
+    """Every node wrote and read its probe under `storage`, and sees every other node's."""
+    absent = {n: r["missing"] for n, r in wrote.items() if "missing" in r}
+    failed = {n: r.get("error", "probe read back wrong") for n, r in wrote.items() if not r.get("storage")}
+    blind = {n: missing for n, r in seen.items() if (missing := sorted(set(wrote) - set(r.get("seen", []))))}
+    if absent:
+        detail = "; ".join(f"{m} does not exist on node {n} ({wrote[n]['host']})" for n, m in absent.items())
+        return False, (f"run.storage {storage}: {detail}. Mount the shared storage there on every node (preflight "
+                       "creates only the run.storage folder itself, inside an existing one), or set run.storage "
+                       "to a path every node can write")
+    if failed:
+        detail = "; ".join(f"node {n} ({wrote[n]['host']}): {e}" for n, e in failed.items())
+        return False, (f"cannot write {storage}: {detail}. Mount shared storage there on every node, or set "
+                       "run.storage to a path every node can write")
+    if blind:
+        detail = "; ".join(f"node {n} does not see {m}" for n, m in blind.items())
+        return False, (f"{storage} is not shared: {detail}. Checkpoints need one storage all nodes mount (NFS, "
+                       "EFS, a ReadWriteMany volume)")
+    return True, f"{len(wrote)} node(s) wrote, read and see each other's probes in {storage}"
+
+
+def check_versions(wrote: dict[str, dict]) -> tuple[bool, str]:
+    """torch, ray, deepspeed, transformers and Python: the same on every node, none missing."""
+    versions = {n: r["versions"] for n, r in wrote.items()}
+    differ = [p for p in (*PACKAGES, "python") if len({v[p] for v in versions.values()}) > 1]
+    if differ or any("missing" in v.values() for v in versions.values()):
+        detail = "; ".join(f"{p}: " + ", ".join(f"{n}={v[p]}" for n, v in versions.items()) for p in differ or PACKAGES)
+        return False, f"{detail}. Install the same versions on every node (one image)"
+    one = next(iter(versions.values()))
+    return True, ", ".join(f"{p} {one[p]}" for p in (*PACKAGES, "python"))

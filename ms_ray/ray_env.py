@@ -90,20 +90,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail within seconds when nothing listens at a GCS address (`host:port`): Ray's own
-    connect retries for minutes and ignores Ctrl-C meanwhile. 'auto' and ray:// are Ray's."""
+ADDRESS_FIX = "start the cluster (`ray start --head`) or correct the address (address=, --address or RAY_ADDRESS)"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0, fix: str = ADDRESS_FIX, named: str | None = None) -> None:
+    """Fail within `timeout_s` when nothing listens at a GCS address (`host:port`), naming it
+    (as `named`, where the caller knows it by another name) and `fix`: Ray's own connect retries
+    for minutes and ignores Ctrl-C meanwhile. The one bounded TCP probe of an address (ms-ray
+    submit/jobs use it too). 'auto' and ray:// are Ray's."""
     if address == "auto" or "://" in address:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise RayAddressError(f"Ray address {address!r}: expected HOST:PORT of the head's GCS (e.g. 10.0.0.1:6379), or auto")
+        raise RayAddressError(f"Ray address {address!r}: expected HOST:PORT of the head's GCS (e.g. 10.0.0.1:6379), "
+                              "or auto")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-        raise RayAddressError(f"no Ray cluster answers at {address} ({reason} after at most {timeout_s:.0f} s): "
-                              "start the cluster (`ray start --head`) or fix --address / RAY_ADDRESS") from None
+        raise RayAddressError(f"no Ray cluster answers at {named or address} ({reason} after at most "
+                              f"{timeout_s:.0f} s): {fix}") from None
 
 
 def setup_local_worker() -> None:
@@ -123,8 +129,8 @@ def setup_local_worker() -> None:
     # With another local Ray on the machine the cleaner's thread dies on "Found multiple active
     # Ray instances" (a 26-line traceback); a local run has nothing for it to clean up.
     default_hook = threading.excepthook
-    threading.excepthook = lambda args: (None if args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor"
-                                         else default_hook(args))
+    threading.excepthook = lambda args: (
+        None if args.thread is not None and args.thread.name == "PlacementGroupCleanerMonitor" else default_hook(args))
     # Ray Train's DatasetManager sets a Ray Data option Ray itself deprecated: nothing to act on here
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
                             category=DeprecationWarning)

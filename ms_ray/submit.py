@@ -1,9 +1,10 @@
-"""Ray Jobs: `ms-ray submit CONFIG --address http://HEAD:8265 [--follow]` and `ms-ray jobs ...`.
+"""Ray Jobs: `ms-ray submit CONFIG [key=value ...] --address http://HEAD:8265 [--follow]` and
+`ms-ray jobs list|logs|stop`.
 
-`ms-ray submit` runs a train, prepare, tokenizer (train), eval or compare config as a Ray Job:
-the command that config belongs to (`command_for`) runs on the cluster as `python -m ms_ray.cli
-...` in the working directory Ray uploads, so a cluster without ms_ray installed runs this
-checkout. The config is validated here first, and the upload is listed and sized here first with
+`ms-ray submit` runs a train, prepare, tokenizer, eval or compare config as a Ray Job: the
+command that config belongs to (`command_for`) runs on the cluster as `python -m ms_ray.cli
+COMMAND CONFIG key=value ...` in the working directory Ray uploads, so a cluster without ms_ray
+installed runs this checkout. The config is validated here first, and the upload is listed and sized here first with
 Ray's own walk and matcher (`package_files`): a package over Ray's limit is refused before
 anything leaves this machine, naming the biggest files.
 
@@ -12,9 +13,10 @@ working directory. A leading "/" anchors a pattern at the working-directory root
 top-level data folder only, never `ms_ray/data/`); a pattern without a "/" matches a name at any
 depth. Ray adds its default excludes (.git, .venv, venv, __pycache__) and .gitignore / .rayignore.
 
-The dashboard is probed first with short timeouts: an address where nothing answers fails in
-seconds, naming the address. Token auth (Ray >= 2.52): the token comes from --token,
-RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the places Ray itself reads.
+The dashboard is probed first with short timeouts (a GCS address with ray_env's TCP probe): an
+address where nothing answers fails in seconds, naming the address. Token auth (Ray >= 2.52):
+the token comes from --token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the
+places Ray itself reads.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import socket
 import time
 from pathlib import Path
+
+from .config import (
+    CompareConfig,
+    ConfigError,
+    EvalJobConfig,
+    PrepareConfig,
+    TokenizerTrainConfig,
+    TrainConfig,
+    load_config,
+)
+from .ray_env import RayAddressError, check_reachable
 
 EXCLUDES = [  # never uploaded. "/x": the top-level x only (ms_ray/data/ is code); "x": x at any depth
     "/runs", "/wandb", "/checkpoints", "/data",  # outputs and data at the root (the configs' defaults)
@@ -33,6 +45,10 @@ EXCLUDES = [  # never uploaded. "/x": the top-level x only (ms_ray/data/ is code
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PROBE_TIMEOUT_S = 10  # connecting to the dashboard (or the GCS of a host:port address)
+JOBS_FIX = "Ray Jobs go to the dashboard: --address http://HEAD:8265"
+# the configs a job can run, tried in this order: (the command, its config); `ms-ray CMD CONFIG key=value ...`
+SUBMITTABLE = (("train", TrainConfig), ("prepare", PrepareConfig), ("tokenizer", TokenizerTrainConfig),
+               ("compare", CompareConfig), ("eval", EvalJobConfig))
 
 
 class SubmitError(RuntimeError):
@@ -133,11 +149,12 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
 
     try:
         host_port = services.canonicalize_bootstrap_address_or_die(effective)  # "auto": the local cluster's
-        host, port = host_port.rsplit(":", 1)
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError, ConnectionError) as e:
-        raise SubmitError(f"cannot reach the Ray cluster at {named}: {type(e).__name__}: {e}. Jobs go to the "
-                          "dashboard: --address http://HEAD:8265") from None
+    except (ValueError, ConnectionError) as e:
+        raise SubmitError(f"cannot reach the Ray cluster at {named}: {type(e).__name__}: {e}. {JOBS_FIX}") from None
+    try:
+        check_reachable(host_port, timeout_s, JOBS_FIX, named if host_port == effective else f"{named} = {host_port}")
+    except RayAddressError as e:
+        raise SubmitError(str(e)) from None
 
 
 def client(address: str, token: str | None = None):
@@ -153,14 +170,10 @@ def client(address: str, token: str | None = None):
 
 
 def command_for(config: str, overrides: list[str]) -> str:
-    """The ms-ray command a config file belongs to (validated here, without input paths that
-    only exist on the cluster)."""
-    from .config import (CompareConfig, ConfigError, EvalJobConfig, PrepareConfig, TokenizerTrainConfig, TrainConfig,
-                         load_config)
-
+    """The ms-ray command a config file belongs to, as `python -m ms_ray.cli COMMAND CONFIG
+    key=value ...` (validated here, without input paths that only exist on the cluster)."""
     errors = []
-    for name, cls in (("train", TrainConfig), ("prepare", PrepareConfig), ("tokenizer train", TokenizerTrainConfig),
-                      ("compare", CompareConfig), ("eval --config", EvalJobConfig)):
+    for name, cls in SUBMITTABLE:
         try:
             load_config(cls, config, overrides, check_paths=False)
             # python -m runs the uploaded ms_ray (the job's working directory), not an older install
@@ -170,7 +183,8 @@ def command_for(config: str, overrides: list[str]) -> str:
     if any("does not exist" in e for e in errors):
         raise SubmitError(errors[0])
     shortest = min(errors, key=len)
-    raise SubmitError(f"{config} is not a train, prepare, tokenizer, compare or eval config; as the closest fit:\n{shortest}")
+    *names, last = (name for name, _ in SUBMITTABLE)
+    raise SubmitError(f"{config} is not a {', '.join(names)} or {last} config; as the closest fit:\n{shortest}")
 
 
 def submit(config: str, overrides: list[str], address: str, follow: bool = False, token: str | None = None,

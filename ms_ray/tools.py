@@ -33,7 +33,8 @@ def _eval(node):
     if isinstance(node, ast.BinOp) and type(node.op) in OPS:
         left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow) and (abs(right) > MAX_POWER or abs(left) > MAX_BASE):
-            raise ToolError(f"power {left} ** {right} is out of range (exponent <= {MAX_POWER}, base <= {MAX_BASE:.0e})")
+            raise ToolError(f"power {left} ** {right} is out of range "
+                            f"(exponent <= {MAX_POWER}, base <= {MAX_BASE:.0e})")
         value = OPS[type(node.op)](left, right)
         if isinstance(value, int) and value.bit_length() > MAX_BITS:  # checked at every step: stays cheap
             raise ToolError(f"result has more than {MAX_BITS} bits")

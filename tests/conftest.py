@@ -6,7 +6,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import pytest
+# Ray reads part of its environment once, at import (loopback binding, token auth, Ray Data's
+# progress bars), and collecting the tests imports modules that import Ray: set a local run's
+# environment first, as `ms-ray` does before it imports a command.
+from ms_ray.ray_env import set_environment  # noqa: E402  (stdlib only: imports no Ray)
+
+set_environment()
+
+import pytest  # noqa: E402
 import torch
 
 from ms_ray.core.families import tiny_base_model
@@ -133,7 +140,8 @@ def ray_head(tmp_path_factory):
     while True:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            if httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=5).status_code == 200:
+            answer = httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=5)
+            if answer.status_code == 200:
                 break
         except httpx.HTTPError:
             pass

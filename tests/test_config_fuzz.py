@@ -17,8 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from ms_ray.config import (ConfigError, DemoConfig, PrepareConfig, ServeConfig, TrainConfig, apply_override,
-                           load_config, load_serve_file)
+from ms_ray.config import (
+    ConfigError,
+    DemoConfig,
+    PrepareConfig,
+    ServeConfig,
+    TrainConfig,
+    apply_override,
+    load_config,
+    load_serve_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = dict(deadline=None, derandomize=True, database=None,
@@ -43,7 +51,7 @@ INT_FIELDS = {
               ("optim.max_steps", st.integers(101, HUGE), (1, None)),  # longer than warmup (100 steps)
               ("optim.warmup_steps", st.integers(0, 2199), (0, None)),  # shorter than max_steps (2200)
               ("checkpoint.every", POSITIVE, (1, None)), ("scaling.num_workers", POSITIVE, (1, None)),
-              ("data.batch_size", POSITIVE, (1, None)), ("eval.skills_per_task", NATURAL, (0, None)),
+              ("data.batch_size", POSITIVE, (1, None)), ("eval.examples_per_task", NATURAL, (0, None)),
               ("seed", ANY, (None, None))],
     "prepare": [("seed", ANY, (None, None)), ("packing.max_rows", POSITIVE, (1, None))],
     "serve": [("port", st.integers(0, 65535), (0, 65535)), ("session.max_rows", POSITIVE, (1, None)),

@@ -51,13 +51,14 @@ def data(tmp_path_factory):
 def test_ctrl_c_during_training_keeps_the_last_checkpoint_and_resumes(data, tmp_path):
     args = ["train", "jobs/tiny.yaml", f"data.path={data}", "data.prepare=null", "data.batch_size=1",
             "optim.max_steps=100000", "optim.warmup_steps=1", "checkpoint.every=3", "eval.every=100000",
-            "eval.skills_per_task=0", f"run.storage={tmp_path}", "run.name=ctrlc", "wandb.mode=disabled"]
+            "eval.examples_per_task=0", f"run.storage={tmp_path}", "run.name=ctrlc", "wandb.mode=disabled"]
     proc = start(args)
     wait_for(lambda: any((p / "rank0.json").exists() for p in (tmp_path / "ctrlc").glob("checkpoint_*")), proc, 300)
     code, out = ctrl_c(proc)
     last = out.strip().splitlines()[-1]
     assert code == 130, out[-3000:]
-    assert last.startswith("ms-ray train: interrupted; checkpoint of step ") and "run the same command to resume" in last
+    assert last.startswith("ms-ray train: interrupted; checkpoint of step ")
+    assert "run the same command to resume" in last
     kept = int(last.split("checkpoint of step ")[1].split()[0])
     assert kept >= 3 and kept % 3 == 0
     # the same command resumes from it

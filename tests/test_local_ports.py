@@ -90,7 +90,7 @@ def trained(tmp_path_factory):
                                        "sources=[{kind: skills, examples: 200, shards: 1}]"])
     _, shown["train"] = run_sampled(["train", "jobs/tiny.yaml", f"data.path={data}", "data.prepare=null",
                                      "data.batch_size=1", "optim.max_steps=4", "optim.warmup_steps=1",
-                                     "checkpoint.every=4", "eval.every=1000", "eval.skills_per_task=0",
+                                     "checkpoint.every=4", "eval.every=1000", "eval.examples_per_task=0",
                                      f"run.storage={tmp / 'runs'}", "run.name=ports", "wandb.mode=disabled"])
     return tmp / "runs" / "ports" / "export", shown
 
@@ -102,7 +102,7 @@ def test_ray_commands_listen_on_loopback_only(trained, command):
 
 
 def test_eval_opens_no_port_beyond_loopback(trained, tmp_path):
-    _, seen = run_sampled(["eval", str(trained[0]), "eval.examples_per_task=2", f"output={tmp_path}",
+    _, seen = run_sampled(["eval", f"checkpoint={trained[0]}", "eval.examples_per_task=2", f"output={tmp_path}",
                            "wandb.mode=disabled"])
     assert_loopback("eval", seen, at_least=0)  # eval decodes in-process: no Ray, no ports
 
@@ -116,7 +116,7 @@ def test_serve_listens_on_loopback_only_and_its_ray_refuses_strangers(trained):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms_ray.cli", "serve", str(trained[0]), f"port={port}", "log_level=WARNING",
+        [sys.executable, "-m", "ms_ray.cli", "serve", f"checkpoint={trained[0]}", f"port={port}", "log_level=WARNING",
          "model.num_cpus=0", "session.row_interval_s=0.05"],
         cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )

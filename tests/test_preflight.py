@@ -34,10 +34,9 @@ def test_preflight_passes_on_the_cluster_and_names_what_fails(ray_head, tmp_path
 
 
 def test_wandb_check_offline_reachable_unreachable_and_missing_key(monkeypatch):
+    import socket
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    import socket
 
     from ms_ray.preflight import check_wandb
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ms_ray.cli import old_form
 from ms_ray.submit import EXCLUDES, SubmitError, check_package, command_for, package_files, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +37,19 @@ def test_package_excludes_and_size(tmp_path):
 
 
 def test_each_config_kind_becomes_its_own_command():
-    assert command_for("jobs/tiny.yaml", ["optim.max_steps=500"]) == "python -m ms_ray.cli train jobs/tiny.yaml optim.max_steps=500"
-    assert command_for("jobs/compare-tiny.yaml", []) == "python -m ms_ray.cli compare jobs/compare-tiny.yaml"
-    # eval's positional argument is the checkpoint: the config goes by --config
-    assert command_for("jobs/eval.yaml", ["checkpoint=/mnt/shared/x"]) == \
-        "python -m ms_ray.cli eval --config jobs/eval.yaml checkpoint=/mnt/shared/x"
+    """`python -m ms_ray.cli COMMAND CONFIG key=value ...`: the one form of every job command."""
+    expected = {
+        ("jobs/tiny.yaml", "optim.max_steps=500"): "train jobs/tiny.yaml optim.max_steps=500",
+        ("jobs/data-skills.yaml",): "prepare jobs/data-skills.yaml",
+        ("jobs/tokenizer.yaml", "vocab_size=600"): "tokenizer jobs/tokenizer.yaml vocab_size=600",
+        ("jobs/compare-tiny.yaml",): "compare jobs/compare-tiny.yaml",
+        ("jobs/eval.yaml", "checkpoint=/mnt/shared/x"): "eval jobs/eval.yaml checkpoint=/mnt/shared/x",
+    }
+    for (config, *overrides), command in expected.items():
+        entrypoint = command_for(config, overrides)
+        assert entrypoint == f"python -m ms_ray.cli {command}"
+        name, *words = command.split()
+        assert old_form(name, words) is None, entrypoint  # what the job runs, the CLI takes
     with pytest.raises(SubmitError, match="not a train, prepare, tokenizer, compare or eval config"):
         command_for("serve/local.yaml", [])
 
@@ -63,8 +72,8 @@ def test_a_dead_address_fails_in_seconds_naming_it(monkeypatch):
     with pytest.raises(SubmitError, match=f"cannot reach the Ray dashboard at http://127.0.0.1:{port}: ConnectError"):
         probe(f"http://127.0.0.1:{port}")
     started = time.monotonic()
-    with pytest.raises(SubmitError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}.*http://HEAD:8265"):
-        probe(f"127.0.0.1:{port}")  # a GCS address: Ray's client retried it for ~40 s
+    with pytest.raises(SubmitError, match=f"no Ray cluster answers at 127.0.0.1:{port}.*http://HEAD:8265"):
+        probe(f"127.0.0.1:{port}")  # a GCS address (ray_env's TCP probe): Ray's client retried it for ~40 s
     assert time.monotonic() - started < 5
     with socket.socket() as silent:  # accepts connections (backlog) but never answers: Ray's client hangs for good
         silent.bind(("127.0.0.1", 0))
@@ -98,7 +107,7 @@ def test_submit_follow_logs_stop_list_on_a_token_cluster(ray_head, ray_local, tm
 
     assert main(["prepare", "jobs/data-skills.yaml", f"output={data}", "sources=[{kind: skills, examples: 200}]"]) == 0
     short = [f"data.path={data}", "data.prepare=null", "optim.max_steps=6", "optim.warmup_steps=1",
-             "eval.skills_per_task=0", "eval.max_val_batches=1", "run.log_every=2", f"run.storage={tmp_path}/runs",
+             "eval.examples_per_task=0", "eval.max_val_batches=1", "run.log_every=2", f"run.storage={tmp_path}/runs",
              "wandb.mode=offline"]
     first, second = f"tiny-{uuid.uuid4().hex[:6]}", f"long-{uuid.uuid4().hex[:6]}"
 

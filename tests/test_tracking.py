@@ -7,12 +7,21 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import make_model
+
+from ms_ray.tracking import (
+    DIVERGED,
+    Progress,
+    TrainingDiverged,
+    divergence_message,
+    duration,
+    non_finite,
+    read_divergence,
+    step_line,
+    write_divergence,
+)
 from ms_ray.train.checkpoint import NonFiniteWeights, export_model
 from ms_ray.train.run import fit
-from ms_ray.tracking import (DIVERGED, Progress, TrainingDiverged, divergence_message, duration,
-                                   non_finite, read_divergence, step_line, write_divergence)
 
 
 def test_step_line_shows_the_total_rate_and_eta():
@@ -99,14 +108,15 @@ def test_export_refuses_non_finite_weights(bound, tokenizer, tmp_path):
     assert (tmp_path / "good" / "model.safetensors").exists()
     name = next(k for k, v in sd.items() if v.is_floating_point())
     sd[name].view(-1)[0] = math.nan
-    with pytest.raises(NonFiniteWeights, match=rf"export refused: 1 of {len(sd)} weight tensors are not finite \({name}\)"):
+    refused = rf"export refused: 1 of {len(sd)} weight tensors are not finite \({name}\)"
+    with pytest.raises(NonFiniteWeights, match=refused):
         export_model(sd, lambda: make_model(bound, len(tokenizer)), tokenizer, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     assert isinstance(NonFiniteWeights({"what": "x"}), TrainingDiverged)  # the CLI shows both as one line
 
 
 def test_worker_noise_is_dropped_and_real_output_kept(capsys):
-    from ms_ray.train.loop import NOISY_PRINTS, dropping_prints, quiet_worker
+    from ms_ray.train.quiet import NOISY_PRINTS, dropping_prints, quiet_worker
 
     quiet_worker()
     with warnings.catch_warnings(record=True) as caught:

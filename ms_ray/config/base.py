@@ -73,7 +73,9 @@ YAML_LEAKS = (RecursionError, ValueError, TypeError, KeyError, AttributeError)
 
 
 def yaml_leak(e: Exception) -> str:
-    return "nested too deeply" if isinstance(e, RecursionError) else f"a value YAML cannot read ({str(e).split(';')[0]})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return f"a value YAML cannot read ({str(e).split(';')[0]})"
 
 
 def read_yaml(path: str | Path):
@@ -141,7 +143,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise ConfigError(f"{source}: cannot check path {e.filename!r}: {e.strerror or e}") from None
     except UnicodeError:  # pydantic cannot even report a str holding an unpaired surrogate
         raise ConfigError(f"{source}: a value is not Unicode text: it holds an unpaired surrogate such as "
-                          "\"\\ud800\" (YAML does not join \\uD83D\\uDE00 pairs: write the character, or \\U0001F600)") from None
+                          "\"\\ud800\" (YAML does not join \\uD83D\\uDE00 pairs: write the character, "
+                          "or \\U0001F600)") from None
     except ValidationError as e:
         lines = []
         for err in e.errors():

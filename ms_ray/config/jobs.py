@@ -198,7 +198,7 @@ class PrepareConfig(Strict):
 
 
 class TokenizerTrainConfig(Strict):
-    """`ms-ray tokenizer train`: byte-level BPE on text that ships with the project."""
+    """`ms-ray tokenizer`: byte-level BPE on text that ships with the project."""
 
     schema_: SchemaConfig = Field(alias="schema")
     vocab_size: int = Field(4096, ge=300)
@@ -273,10 +273,33 @@ class CheckpointConfig(Strict):
     keep: int = Field(2, gt=0)
 
 
-class EvalConfig(Strict):
+class SkillEvalConfig(Strict):
+    """Held-out skill examples decoded as live sessions and scored by ms_ray/evaluation/harness.py:
+    the one definition of the skill evaluation, for `ms-ray eval`, `ms-ray compare` and training."""
+
+    examples_per_task: int = Field(100, gt=0)
+    tasks: list[str] | None = None  # default: all
+    seed: int = 987_654  # generation seed, distinct from the training data's
+    batch_sessions: int = Field(1, gt=0)  # 1: each session decoded alone, so ms are one session's latency
+    slack_rows: int = Field(8, ge=0)  # rows allowed beyond the reference length
+    tool: Literal["live", "scripted"] = "live"  # live: the real tool answers the model's own call; scripted:
+    # the reference's result at the reference's rows
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "skills_per_task" in data:
+            raise ValueError("eval.skills_per_task is now eval.examples_per_task")
+        return data
+
+
+class EvalConfig(SkillEvalConfig):
+    """`ms-ray train`'s evaluation: validation loss every `every` steps and at the end, and the
+    skill evaluation (SkillEvalConfig) of the model being trained."""
+
     every: int = Field(500, gt=0)  # steps; also at the end
-    skills_per_task: int = Field(50, ge=0)  # held-out generated examples per skill task (0: off)
-    seed: int = 987_654  # generation seed for held-out skill examples, distinct from the data's
+    examples_per_task: int = Field(50, ge=0)  # held-out generated examples per skill task (0: off)
+    batch_sessions: int = Field(256, gt=0)  # sessions decoded together on each rank: ms are a batch's
     max_val_batches: int | None = Field(None, gt=0)
 
 
@@ -328,21 +351,35 @@ class TrainConfig(Strict):
         return self
 
 
+class ExportConfig(TrainConfig):
+    """`ms-ray export`: a run's train config, plus which checkpoint to consolidate (any ZeRO stage)
+    into one MultiStreamLM folder, and where. Here `checkpoint` is that checkpoint's folder; the
+    train config's own `checkpoint:` section (how often to save) means nothing to an export and is
+    dropped."""
+
+    checkpoint: str | None = None  # a checkpoint_* folder of the run; default: the run's latest
+    out: str | None = None  # default: {run.storage}/{run.name}/export
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_checkpoint_settings(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("checkpoint"), dict):
+            data = {k: v for k, v in data.items() if k != "checkpoint"}
+        return data
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and check_paths(info) and not Path(value).is_dir():
+            what = "is not a folder" if Path(value).exists() else "does not exist"
+            raise ValueError(f"{value} {what}: give one of the run's checkpoint_* folders, or leave checkpoint "
+                             "unset for the latest")
+        return value
 
 
 # ---- evaluation (`ms-ray eval`, `ms-ray compare`) ----------------------------------------
-class SkillEvalConfig(Strict):
-    """Held-out skill examples, decoded as live sessions (ms_ray/evaluation/harness.py)."""
-
-    examples_per_task: int = Field(100, gt=0)
-    tasks: list[str] | None = None  # default: all
-    seed: int = 987_654  # generation seed, distinct from the training data's
-    batch_sessions: int = Field(1, gt=0)  # 1: each session decoded alone, so ms are one session's latency
-    slack_rows: int = Field(8, ge=0)  # rows allowed beyond the reference length
-
-
 class EvalJobConfig(Strict):
-    """`ms-ray eval CHECKPOINT`: score a streams or single-stream skills model."""
+    """`ms-ray eval [CONFIG] checkpoint=PATH`: score a streams or single-stream skills model."""
 
     checkpoint: str
     eval: SkillEvalConfig = SkillEvalConfig()

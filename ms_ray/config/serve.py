@@ -111,7 +111,8 @@ class ServeConfig(Strict):
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
         if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
-            raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles {sorted(self.roles)}")
+            raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles "
+                             f"{sorted(self.roles)}")
         return self
 
     _checkpoint = field_validator("checkpoint")(exported_model)
@@ -123,7 +124,8 @@ def load_serve_file(path: str | Path, overrides: list[str] = (), check_paths: bo
     source = str(path)
     tree = read_yaml(path)
     apps = (tree or {}).get("applications") if isinstance(tree, dict) else None
-    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
+    first = apps[0] if isinstance(apps, list) and apps else None
+    if not isinstance(first, dict) or not isinstance(first.get("args"), dict):
         raise ConfigError(f"{source}: expected a Serve config with applications[0].args holding the ms_ray settings")
     data = dict(apps[0]["args"])
     http = tree.get("http_options") if isinstance(tree.get("http_options"), dict) else {}

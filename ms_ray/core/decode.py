@@ -4,9 +4,11 @@ Every `step()` builds one new row for every open session and runs ONE batched fo
   - output cells are sampled from the previous row's logits (or forced, when tokens were pushed);
   - input cells are injected from outside: one pushed token per row, silence when none is queued;
   - the new row (C cells per session) attends to its session's whole cache plus itself.
-Sessions have different lengths: each owns a slot of the cache [slots, kv_heads, cells, head_dim]
-and its length; the mask hides what lies beyond. Sessions join (with a one-pass prefill) and
-leave between steps; leaving moves the last slot into the hole, so slots 0..n-1 stay dense.
+The model applies the rule (MultiStreamLM.forward_rows: mask, positions, stream embedding); this
+module keeps the slots, the sampling and the stop rules. Sessions have different lengths: each
+owns a slot of the cache [slots, kv_heads, cells, head_dim] and its length; the mask hides what
+lies beyond. Sessions join (with a one-pass prefill) and leave between steps; leaving moves the
+last slot into the hole, so slots 0..n-1 stay dense.
 Host and device meet once per step (the new rows, for the stop rules), never per token.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import MultiStreamLM, allowed
+from .model import MultiStreamLM
 from .streams import StreamSchema, TableError
 
 
@@ -62,9 +64,13 @@ class _Session:
 
 
 class SlotCache:
-    """KV cache with one slot per session, duck-typed to what HF attention layers call
-    (`update`). Before each forward the decoder sets which slots it runs (`view`) and where
-    the new cells go (`write_slots`, `write_pos`, both [n, Q])."""
+    """KV cache with one slot per session, [slots, kv_heads, cells, head_dim] per layer, duck-typed to
+    what HF attention layers call (`update`, `get_seq_length`). One forward is three calls:
+      1. `select(first, n)`, by the decoder: the forward runs the sessions of slots first..first+n-1;
+      2. `place(cells, kv_len)`, by the model (MultiStreamLM.forward_rows): cells [n, Q] is the flat
+         cell index where each new cell goes in its slot; the layers attend cells [0, kv_len);
+      3. `update(keys, values, layer)`, by every layer: writes the new cells, returns the view.
+    Capacity grows (doubling) as `select` and `place` ask; buffers are reallocated at `update`."""
 
     def __init__(self, slots: int, cells: int):
         self.slots, self.cells = slots, cells
@@ -72,14 +78,22 @@ class SlotCache:
         self.values: dict[int, torch.Tensor] = {}
         self.view = slice(0, 0)
         self.kv_len = 0
-        self.write_slots = self.write_pos = None
+        self.write_slots = self.write_pos = None  # [n, Q] each: slot and cell index of every new cell
 
-    def reserve(self, slots: int, cells: int) -> None:
-        """Grow capacity (doubling) so `slots` sessions of `cells` cells fit."""
-        if slots > self.slots:
-            self.slots = max(slots, 2 * self.slots)
-        if cells > self.cells:
-            self.cells = max(cells, 2 * self.cells)
+    def select(self, first: int, n: int) -> None:
+        """The next forward runs slots first..first+n-1 (the decoder keeps them consecutive)."""
+        self.view = slice(first, first + n)
+        if first + n > self.slots:
+            self.slots = max(first + n, 2 * self.slots)
+
+    def place(self, cells: torch.Tensor, kv_len: int) -> None:
+        """The next forward writes its new cells at these flat cell indices [n, Q] of the selected
+        slots, and every layer attends cells [0, kv_len) of them."""
+        n, Q = cells.shape
+        self.write_slots = torch.arange(self.view.start, self.view.stop, device=cells.device)[:, None].expand(n, Q)
+        self.write_pos, self.kv_len = cells, kv_len
+        if kv_len > self.cells:
+            self.cells = max(kv_len, 2 * self.cells)
 
     def _buffer(self, store: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
         buf = store.get(layer)
@@ -165,7 +179,6 @@ class RowDecoder:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._settings = None  # cached sampling tensors; rebuilt when sessions change
         self._ids = itertools.count()
-        self.streams = torch.arange(self.C, device=self.device)
 
     # ---- sessions ------------------------------------------------------------------------
     def open(self, session_id=None, prefill=None, sampling=None, stop: StopRules | None = None) -> str:
@@ -203,7 +216,8 @@ class RowDecoder:
         ids = [int(t) for t in (token_ids.tolist() if torch.is_tensor(token_ids) else token_ids)]
         bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
         if bad:
-            raise TableError(f"session {session.id!r}, stream {stream!r}: token ids {bad} out of range [0, {self.model.vocab_size})")
+            raise TableError(f"session {session.id!r}, stream {stream!r}: token ids {bad} "
+                             f"out of range [0, {self.model.vocab_size})")
         session.queues[s].extend(ids)
 
     def close(self, session_id) -> None:
@@ -248,7 +262,8 @@ class RowDecoder:
             session.rows += 1
             session.new_rows += 1
             done = self._check_stop(session, tokens)
-            out.append(DecodedRow(session.id, session.rows - 1, tokens, logits[session.slot] if return_logits else None, done))
+            row_logits = logits[session.slot] if return_logits else None
+            out.append(DecodedRow(session.id, session.rows - 1, tokens, row_logits, done))
         for row in out:
             if row.done:
                 self.close(row.session)
@@ -271,30 +286,10 @@ class RowDecoder:
         return forced, use
 
     def _forward(self, sessions, rows: torch.Tensor, last_row_only: bool = False) -> torch.Tensor:
-        """rows [n, Q_rows, C] for consecutive slots -> logits [n, C, V] of each last row."""
-        n, q_rows, C = rows.shape
-        Q = q_rows * C
-        first = sessions[0].slot
-        start = torch.tensor([s.rows * C for s in sessions], device=self.device)  # [n] cells so far
-        q_idx = start[:, None] + torch.arange(Q, device=self.device)  # [n, Q] flat cell index
-        kv_len = max(s.rows for s in sessions) * C + Q
-        self.cache.reserve(first + n, kv_len)
-        self.cache.view = slice(first, first + n)
-        self.cache.kv_len = kv_len
-        self.cache.write_slots = torch.arange(first, first + n, device=self.device)[:, None].expand(n, Q)
-        self.cache.write_pos = q_idx
-
-        k_idx = torch.arange(kv_len, device=self.device)
-        same_doc = torch.zeros((), device=self.device)  # one session = one document
-        ok = allowed(q_idx[:, :, None], k_idx[None, None, :], same_doc, same_doc, C)  # [n, Q, kv_len]
-        dtype = self.model.stream_embed.weight.dtype
-        mask = torch.where(ok[:, None], 0.0, torch.finfo(dtype).min).to(dtype)  # [n, 1, Q, kv_len]
-        x = self.model.embed(rows.reshape(n, Q), self.streams.repeat(q_rows))  # [n, Q, H]
-        out = self.model.base(
-            inputs_embeds=x, attention_mask=mask, position_ids=q_idx // C, cache=self.cache,
-            use_cache=True, logits_to_keep=C if last_row_only else 0,
-        )
-        return out.logits[:, -C:]  # [n, C, V]
+        """rows [n, Q_rows, C] for sessions in consecutive slots -> logits [n, C, V] of each last row."""
+        self.cache.select(sessions[0].slot, len(sessions))
+        logits = self.model.forward_rows(rows, [s.rows for s in sessions], self.cache, last_row_only)
+        return logits[:, -1]  # [n, C, V]
 
     def _store_logits(self, sessions, logits):
         first, n = sessions[0].slot, len(sessions)
@@ -351,7 +346,8 @@ class RowDecoder:
             return None
         rows = torch.as_tensor(prefill, dtype=torch.long, device=self.device)
         if rows.dim() != 2 or rows.shape[1] != self.C:
-            raise TableError(f"prefill: expected rows [R, {self.C}] for streams {self.schema.names}, got {tuple(rows.shape)}")
+            raise TableError(f"prefill: expected rows [R, {self.C}] for streams {self.schema.names}, "
+                             f"got {tuple(rows.shape)}")
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.model.vocab_size):
             raise TableError(f"prefill: token ids out of range [0, {self.model.vocab_size})")
         return rows

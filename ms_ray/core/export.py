@@ -29,7 +29,8 @@ def check_export(folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise ExportError(f"{folder} {what}: give an exported model folder (`ms-ray train` writes one, `ms-ray export` too)")
+        raise ExportError(f"{folder} {what}: give an exported model folder "
+                          "(`ms-ray train` writes one, `ms-ray export` too)")
     if not (folder / FORMAT_FILE).exists():
         raise ExportError(f"{folder} is not a multi-stream export (no {FORMAT_FILE}); export one with `ms-ray export`")
     index = folder / "model.safetensors.index.json"
@@ -37,7 +38,9 @@ def check_export(folder: str | Path) -> None:
         json.loads((folder / FORMAT_FILE).read_text())
         json.loads((folder / "config.json").read_text())
         StreamSchema.load(folder)
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        shards = ["model.safetensors"]
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         for name in (*shards, STREAM_EMBED_FILE):
             if not (folder / name).is_file():
                 raise ExportError(f"{folder} is incomplete: {name} is missing; export it again")
@@ -47,9 +50,11 @@ def check_export(folder: str | Path) -> None:
     except ExportError:
         raise
     except FileNotFoundError as e:
-        raise ExportError(f"{folder} is incomplete: {Path(e.filename or '?').name} is missing; export it again") from None
+        missing = Path(e.filename or "?").name
+        raise ExportError(f"{folder} is incomplete: {missing} is missing; export it again") from None
     except Exception as e:  # corrupt JSON, truncated safetensors, a bad schema: name the folder and what failed
-        raise ExportError(f"{folder} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else '?'}); "
+        first_line = str(e).splitlines()[0][:200] if str(e) else "?"
+        raise ExportError(f"{folder} is corrupt ({type(e).__name__}: {first_line}); "
                           "export it again") from None
     if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         raise ExportError(f"{folder} has no tokenizer (tokenizer.json); export it with its tokenizer")

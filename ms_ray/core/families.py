@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .model import MultiStreamLM
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -51,8 +53,6 @@ def tiny_base_model(
 def build_model(cfg, schema, tokenizer):
     """A MultiStreamLM from a ModelConfig: a pretrained HF folder converted in one call, or a
     tiny random model of the given family. Returns (model, tokenizer)."""
-    from .model import MultiStreamLM
-
     if cfg.pretrained:
         return MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
     schema.add_special_tokens(tokenizer)

@@ -6,6 +6,8 @@ r0s0, r0s1, ..., r1s0, ...), H hidden size, V vocabulary. The rule, exactly:
   - RoPE position = row index, restarting at every packed document;
   - a learned per-stream embedding (zero-initialised) is added to the token embedding;
   - the logit at cell (r, s) predicts the token at (r+1, s), weighted per stream.
+Both paths apply it here: `forward` (whole tables, training) and `forward_rows` (new rows against a
+KV cache, decoding) share the embedding and the positions (`_cells_forward`) and the rule (`allowed`).
 """
 
 from __future__ import annotations
@@ -65,15 +67,24 @@ def allowed(q_idx, k_idx, q_doc, k_doc, num_streams: int) -> torch.Tensor:
     return (q_doc == k_doc) & (earlier_row | (k_idx == q_idx))
 
 
-def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive float mask [B, 1, S, S] (0 = attend, dtype-min = blocked), built vectorised."""
+def dense_visibility(doc_ids: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """The rule over all cell pairs of whole tables: [B, S, S] bool (True = attend), vectorised."""
     B, R = doc_ids.shape
     S = R * num_streams
     idx = torch.arange(S, device=doc_ids.device)
     cell_doc = doc_ids.repeat_interleave(num_streams, dim=1)  # [B, S]
-    ok = allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=doc_ids.device)
-    return torch.where(ok[:, None], torch.zeros((), dtype=dtype, device=doc_ids.device), blocked)
+    return allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams)
+
+
+def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask [B, 1, S, S] (0 = attend, dtype-min = blocked), built vectorised."""
+    return additive(dense_visibility(doc_ids, num_streams), dtype)
+
+
+def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Visibility [B, Q, K] (bool) -> additive float mask [B, 1, Q, K]: 0 = attend, dtype-min = blocked."""
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=ok.device)
+    return torch.where(ok[:, None], torch.zeros((), dtype=dtype, device=ok.device), blocked)
 
 
 def flex_mask(doc_ids: torch.Tensor, num_streams: int):
@@ -138,10 +149,23 @@ class MultiStreamLM(nn.Module):
             return device.type == "cuda" and create_block_mask is not None
         return self.attention == "flex"
 
-    def embed(self, flat_tokens: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-        """Token embedding + stream embedding: flat_tokens [B, N], streams [N] -> [B, N, H]."""
-        tok = self.base.get_input_embeddings()(flat_tokens)
+    def embed(self, tokens: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        """Token embedding + stream embedding: tokens [..., N], streams [N] -> [..., N, H]."""
+        tok = self.base.get_input_embeddings()(tokens)
         return tok + self.stream_embed(streams).to(tok.dtype)[None]
+
+    def _cells_forward(self, tokens, row_pos, visible, cache=None, keep_rows: int = 0) -> torch.Tensor:
+        """The one call of the base model, for both paths: tokens [B, R, C] flattened row-major, each cell
+        embedded with its stream and placed at its row's RoPE position row_pos [B, R]; `visible`: the rule
+        for these R*C cells (over the cache's cells too, if any), bool [B, S, K] or a BlockMask.
+        -> logits [B, R (keep_rows if > 0), C, V]."""
+        B, R, C = tokens.shape
+        x = self.embed(tokens, torch.arange(C, device=tokens.device)).view(B, R * C, -1)  # [B, S, H]
+        positions = row_pos[:, :, None].expand(B, R, C).reshape(B, R * C)  # [B, S]: each cell its row's
+        mask = additive(visible, x.dtype) if isinstance(visible, torch.Tensor) else visible  # [B, 1, S, K]
+        out = self.base(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=cache is not None, logits_to_keep=keep_rows * C)
+        return out.logits.view(B, -1, C, out.logits.shape[-1])
 
     def forward(
         self,
@@ -163,22 +187,36 @@ class MultiStreamLM(nn.Module):
         elif doc_ids.shape != (B, R):
             raise TableError(f"doc_ids: expected shape {(B, R)}, got {tuple(doc_ids.shape)}")
 
-        S = R * C
-        streams = torch.arange(S, device=tokens.device) % C  # [S]
-        x = self.embed(tokens.reshape(B, S), streams)  # [B, S, H]
-        positions = row_positions(doc_ids).repeat_interleave(C, dim=1)  # [B, S]
-        if self.use_flex(tokens.device):
-            mask = flex_mask(doc_ids, C)
-        else:
-            mask = dense_mask(doc_ids, C, x.dtype)  # [B, 1, S, S]
-        out = self.base(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False)
-        logits = out.logits.view(B, R, C, -1)  # [B, R, C, V]
+        visible = flex_mask(doc_ids, C) if self.use_flex(tokens.device) else dense_visibility(doc_ids, C)
+        logits = self._cells_forward(tokens, row_positions(doc_ids), visible)  # [B, R, C, V]
 
         if labels is None and not loss:
             return MultiStreamOutput(logits)
         if labels is None:
             labels = next_row_labels(tokens, doc_ids, IGNORE)
         return self.weighted_loss(logits, labels, normaliser)
+
+    def forward_rows(self, rows: torch.Tensor, past_rows: list[int], cache, last_row_only: bool = False
+                     ) -> torch.Tensor:
+        """Run new rows of n sessions against a KV cache (decoding): rows [n, Q_rows, C], session i
+        continuing after its past_rows[i] rows already in `cache` -> logits [n, Q_rows (1 if
+        last_row_only), C, V]. The rule of `forward`, one document per session: a new cell sees
+        every cached cell of an earlier row and itself; RoPE position = row index; stream embedding
+        added. The cache is told the new cells' flat indices (`cache.place(cells [n, Q], kv_len)`,
+        see decode.SlotCache), then each layer's `update` writes them and returns cells [0, kv_len).
+        past_rows are host ints (no device sync); rows are not validated here (the decoder does)."""
+        n, q_rows, C = rows.shape
+        if C != self.num_streams or len(past_rows) != n:
+            raise TableError(f"forward_rows: expected rows [n, Q_rows, {self.num_streams}] and n past_rows, "
+                             f"got rows {tuple(rows.shape)} and {len(past_rows)} past_rows")
+        Q, dev = q_rows * C, rows.device
+        kv_len = max(past_rows) * C + Q  # the longest session's cells, new ones included
+        past = torch.tensor(past_rows, device=dev)[:, None]  # [n, 1]
+        cells = past * C + torch.arange(Q, device=dev)  # [n, Q] flat cell index of each new cell
+        row_pos = past + torch.arange(q_rows, device=dev)  # [n, Q_rows] RoPE position = row index
+        visible = allowed(cells[:, :, None], torch.arange(kv_len, device=dev), 0, 0, C)  # [n, Q, kv_len]
+        cache.place(cells, kv_len)
+        return self._cells_forward(rows, row_pos, visible, cache, keep_rows=1 if last_row_only else 0)
 
     def weighted_loss(self, logits, labels, normaliser=None) -> MultiStreamOutput:
         """Next-row CE per cell, weighted per stream, divided by the supervised-cell count."""

@@ -16,10 +16,10 @@ Every turn ends with its stream's end token when the schema gives one.
 
 from __future__ import annotations
 
-
 from ..config import parse_policy
 from ..core.streams import StreamSchema
 from .tables import Conversation, Dropped, Example, Timeline
+
 
 def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, example_id: str) -> Example | Dropped:
     """Place the turns of `conv` in rows under `policy` (after_input or wait_k(k))."""
@@ -33,7 +33,8 @@ def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, examp
     end_ids = schema.end_ids()
     for i, turn in enumerate(conv.turns):
         if turn.stream not in schema.names:
-            return Dropped(conv.file, conv.line, f"turns[{i}]: stream {turn.stream!r} is not in the schema {schema.names}")
+            return Dropped(conv.file, conv.line,
+                           f"turns[{i}]: stream {turn.stream!r} is not in the schema {schema.names}")
         ids = list(encode(turn.text))
         if not ids:
             return Dropped(conv.file, conv.line, f"turns[{i}] ({turn.stream}): text encodes to no tokens")

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -40,23 +41,27 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data  # Ray reads its environment at import: the CLI imports this module after ray_env.set_environment
 
+from ..config import PrepareConfig
+from ..core.loading import load_tokenizer
 from ..core.streams import StreamSchema
-from .convert import convert
-from .packing import fit_length, pack_examples
 from ..manifest import FORMAT_VERSION, MANIFEST, read_pack_file
-from .staging import PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
+from ..ray_env import init_ray
+from .convert import convert
+from .formats import read_chitchat, read_jsonl, read_table_jsonl
+from .packing import fit_length, pack_examples
+from .skills import SKILL_STREAMS, TASKS, generate_examples, to_sequential
+from .staging import PrepareError, PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
 from .tables import Conversation, Dropped, Example
+from .teacher import TeacherClient, TeacherConfig, teacher_convert
+from .tokenizer import skill_tokenizer, tokenizer_hash
 
 SPLITS = ("train", "validation")
 UNKNOWN_SAMPLE = 200  # input lines per source tokenized before Ray starts, to refuse early
 HEARTBEAT_S = 30.0  # a progress line at least this often while shards run (a shard can take minutes)
-
-
-class PrepareError(RuntimeError):
-    """What was read is unusable (a source gave no examples or too many unknown tokens: the old
-    set is left as it was), or too much input was dropped (the set was written). The message
-    names the source or the reasons."""
 
 
 def stable_fraction(*parts) -> float:
@@ -70,13 +75,9 @@ def schema_and_tokenizer(schema_json: str, tokenizer_spec: str):
     """(bound schema, tokenizer), cached per worker process."""
     schema = StreamSchema.from_dict(json.loads(schema_json))
     if tokenizer_spec == "skills":
-        from .tokenizer import skill_tokenizer
-
         tokenizer = skill_tokenizer()
         schema.add_special_tokens(tokenizer)
     else:
-        from ..core.loading import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_spec, schema)
     return schema.bind(tokenizer), tokenizer
 
@@ -91,8 +92,6 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
     src = cfg.sources[src_index]
     encode = encoder(tokenizer)
     if src.kind == "skills":
-        from .skills import SKILL_STREAMS, TASKS, generate_examples, to_sequential
-
         n = src.examples // src.shards + (shard < src.examples % src.shards)
         seed = cfg.seed * 1_000_003 + src_index * 1009 + shard
         tasks = tuple(src.tasks or TASKS)
@@ -104,21 +103,13 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
                 yield to_sequential(example, schema, encode)
         return
     if src.kind == "chitchat":
-        from .formats import read_chitchat
-
         items = read_chitchat(limit=src.limit)
     elif src.format == "table":
-        from .formats import read_table_jsonl
-
         items = read_table_jsonl(src.path, schema, tokenizer)
     else:
-        from .formats import read_jsonl
-
         items = read_jsonl(src.path, schema, fmt=src.format, role_map=src.role_map, max_chars=src.max_chars)
     client = None
     if src.policy == "teacher":
-        from .teacher import TeacherClient, TeacherConfig
-
         client = TeacherClient(TeacherConfig(**teacher_kwargs(src.teacher)))
     for n, item in enumerate(items):
         if src.kind == "jsonl" and src.limit is not None and n >= src.limit:
@@ -128,8 +119,6 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
         if isinstance(item, (Dropped, Example)):
             yield item
         elif client is not None:
-            from .teacher import teacher_convert
-
             result = teacher_convert(item, schema, encode, client)
             if isinstance(result, Example):
                 result.id = f"{src.label}#{n}"
@@ -139,8 +128,6 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
 
 
 def teacher_kwargs(settings) -> dict:
-    import os
-
     kwargs = settings.model_dump(exclude={"api_key_env"})
     kwargs["api_key"] = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     return kwargs
@@ -149,8 +136,6 @@ def teacher_kwargs(settings) -> dict:
 def process_shard(task: dict, cfg_json: str, out_dir: str) -> dict:
     """Ray Data map over read tasks: read, convert, split, pack and write one source shard.
     Returns what the manifest needs (JSON, to keep the row schema flat)."""
-    from ..config import PrepareConfig
-
     cfg = PrepareConfig.model_validate_json(cfg_json)
     schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
     label = cfg.sources[task["source"]].label
@@ -167,21 +152,21 @@ def process_shard(task: dict, cfg_json: str, out_dir: str) -> dict:
         text = item.rows[item.rows != schema.silence_id]  # the cells that carry a token
         tokens += int(text.size)
         unknown += 0 if unk is None else int((text == unk).sum())
-        split = "validation" if stable_fraction(cfg.seed, item.source, item.group) < cfg.split.validation_fraction else "train"
+        held_out = stable_fraction(cfg.seed, item.source, item.group) < cfg.split.validation_fraction
+        split = "validation" if held_out else "train"
         by_split[split].append(item)
         index.append({"source": label, "group": item.group, "split": split, "policy": item.policy,
                       "truncated": "truncated_from_rows" in item.meta})
-    files = [write_packs(by_split[s], Path(out_dir), s, f"{task['source']:02d}-{task['shard']:04d}", cfg.packing.max_rows, schema)
+    name = f"{task['source']:02d}-{task['shard']:04d}"
+    files = [write_packs(by_split[s], Path(out_dir), s, name, cfg.packing.max_rows, schema)
              for s in SPLITS if by_split[s]]
     return {"report": json.dumps({"source": label, "source_index": task["source"], "shard": task["shard"],
-                                  "tokens": tokens, "unknown": unknown, "dropped": dropped, "index": index, "files": files})}
+                                  "tokens": tokens, "unknown": unknown, "dropped": dropped, "index": index,
+                                  "files": files})}
 
 
 def write_packs(examples: list[Example], out: Path, split: str, name: str, max_rows: int, schema) -> dict:
     """Pack one split of one shard into `out/split/name.parquet`; returns its statistics."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     packs = pack_examples(examples, max_rows, schema.pad_id)
     table = pa.table({
         "pack_id": [f"{split}/{name}/{i:06d}" for i in range(len(packs))],  # a stable sort key
@@ -209,9 +194,7 @@ def prepare(cfg, log=print, progress=None) -> dict:
     check_inputs(cfg)
     schema, tokenizer = schema_and_tokenizer(json.dumps(cfg.schema_.build().to_dict()), cfg.tokenizer)
     check_unknown_sample(cfg, schema, tokenizer, cfg.max_unknown_share)  # e.g. chat text with a word vocabulary
-    from ..ray_env import init_ray
-
-    ray = init_ray(cfg.address)  # before any folder is made: a cluster that does not answer changes nothing
+    init_ray(cfg.address)  # before any folder is made: a cluster that does not answer changes nothing
 
     created = [p for p in out.parents if not p.exists()]  # deepest first; removed again if the run fails
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +204,7 @@ def prepare(cfg, log=print, progress=None) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        reports = run_shards(ray, cfg, staging, progress)
+        reports = run_shards(cfg, staging, progress)
         per_source = check_sources(cfg, reports, cfg.max_unknown_share)
         dropped = [d for r in reports for d in r["dropped"]]
         index = [i for r in reports for i in r["index"]]
@@ -250,7 +233,7 @@ def prepare(cfg, log=print, progress=None) -> dict:
     return manifest
 
 
-def run_shards(ray, cfg, staging: Path, progress) -> list[dict]:
+def run_shards(cfg, staging: Path, progress) -> list[dict]:
     """Run every (source, shard) task, writing into `staging`; a progress line as each one
     finishes (streamed, not take_all, so they come in completion order) and a heartbeat between.
     Returns the tasks' reports in (source, shard) order."""
@@ -315,7 +298,7 @@ def is_blank(path: str, chunk: int = 1 << 20) -> bool:
 def unknown_message(src, share: float, limit: float, spec: str, seen: str) -> str:
     return (f"{where(src)}: {share:.1%} of its tokens{seen} are unknown to tokenizer {spec!r}, over "
             f"max_unknown_share={limit:.1%}; use a tokenizer that covers this text, e.g. a BPE from "
-            f"`ms-ray tokenizer train jobs/tokenizer.yaml` (then tokenizer=<its output folder>)")
+            f"`ms-ray tokenizer jobs/tokenizer.yaml` (then tokenizer=<its output folder>)")
 
 
 def check_unknown_sample(cfg, schema, tokenizer, limit: float) -> None:
@@ -324,8 +307,6 @@ def check_unknown_sample(cfg, schema, tokenizer, limit: float) -> None:
     unk = tokenizer.unk_token_id
     if unk is None:
         return  # byte-level BPE and the like cannot produce unknown tokens
-    from .formats import read_chitchat, read_jsonl
-
     encode = encoder(tokenizer)
     for src in cfg.sources:
         if src.kind == "skills" or src.format == "table":
@@ -336,7 +317,8 @@ def check_unknown_sample(cfg, schema, tokenizer, limit: float) -> None:
         ids = [i for c in sample for turn in c.turns for i in encode(turn.text)]
         share = ids.count(unk) / max(len(ids), 1)
         if share > limit:
-            raise PrepareRefused(unknown_message(src, share, limit, cfg.tokenizer, f" (first {len(sample)} conversations)"))
+            seen = f" (first {len(sample)} conversations)"
+            raise PrepareRefused(unknown_message(src, share, limit, cfg.tokenizer, seen))
 
 
 def check_sources(cfg, reports: list[dict], limit: float) -> dict:
@@ -345,7 +327,8 @@ def check_sources(cfg, reports: list[dict], limit: float) -> dict:
     per = {src.label: Counter() for src in cfg.sources}
     reasons = {src.label: Counter() for src in cfg.sources}
     for r in reports:
-        per[r["source"]].update(examples=len(r["index"]), dropped=len(r["dropped"]), tokens=r["tokens"], unknown=r["unknown"])
+        per[r["source"]].update(examples=len(r["index"]), dropped=len(r["dropped"]), tokens=r["tokens"],
+                                unknown=r["unknown"])
         reasons[r["source"]].update(reason_kind(d["reason"]) for d in r["dropped"])
     kept = f"; nothing written, {cfg.output} left as it was"
     for src in cfg.sources:
@@ -360,8 +343,6 @@ def check_sources(cfg, reports: list[dict], limit: float) -> dict:
 
 
 def build_manifest(cfg, schema, tokenizer, index, stats, dropped, per_source=None) -> dict:
-    from .tokenizer import tokenizer_hash
-
     splits = {}
     for s in SPLITS:
         mine = [st for st in stats if st["split"] == s]
@@ -375,7 +356,8 @@ def build_manifest(cfg, schema, tokenizer, index, stats, dropped, per_source=Non
         }
     sources = {}
     for r in index:
-        src = sources.setdefault(r["source"], {"examples": 0, "policies": Counter(), "truncated": 0, "groups": {s: set() for s in SPLITS}})
+        src = sources.setdefault(r["source"], {"examples": 0, "policies": Counter(), "truncated": 0,
+                                               "groups": {s: set() for s in SPLITS}})
         src["examples"] += 1
         src["policies"][r["policy"]] += 1
         src["truncated"] += r["truncated"]
@@ -389,8 +371,8 @@ def build_manifest(cfg, schema, tokenizer, index, stats, dropped, per_source=Non
     return {
         "format_version": FORMAT_VERSION,
         "schema": schema.to_dict(),
-        "tokenizer": {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer), "path": "tokenizer",
-                      "unk_token": tokenizer.unk_token},
+        "tokenizer": {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
+                      "path": "tokenizer", "unk_token": tokenizer.unk_token},
         "seed": cfg.seed, "max_rows": cfg.packing.max_rows, "overflow": cfg.packing.overflow,
         "counts": {"examples": len(index), "dropped": len(dropped)},
         "splits": splits,
@@ -419,7 +401,7 @@ def format_summary(manifest: dict, dropped: list[dict], show: int = 10) -> str:
     if dropped:
         lines.append("dropped:")
         lines += [f"  {kind}: {n}" for kind, n in manifest["dropped_reasons"].items()]
-        lines += [f"  {d['file'] or d['source']}:{d['line']}: {d['reason']}" if d["line"] >= 0 else f"  {d['file'] or d['source']}: {d['reason']}"
+        lines += [f"  {d['file'] or d['source']}{'' if d['line'] < 0 else ':' + str(d['line'])}: {d['reason']}"
                   for d in dropped[:show]]
         if len(dropped) > show:
             lines.append(f"  ... {len(dropped) - show} more in dropped.jsonl")
@@ -428,8 +410,6 @@ def format_summary(manifest: dict, dropped: list[dict], show: int = 10) -> str:
 
 def pack_dataset(folder: str | Path, split: str, manifest: dict):
     """A Ray Dataset of the packs of one split: one read task per shard file."""
-    import ray.data
-
     files = [str(Path(folder).resolve() / f) for f in manifest["splits"][split]["files"]]
     if not files:
         return None

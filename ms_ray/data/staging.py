@@ -36,6 +36,13 @@ class PrepareRefused(ConfigError):
     the CLI already reports it without a traceback, exit 2."""
 
 
+class PrepareError(RuntimeError):
+    """What was read is unusable (a source gave no examples or too many unknown tokens: the old
+    set is left as it was), or too much input was dropped (the set was written). The message
+    names the source or the reasons. Defined here beside PrepareRefused, not in pipeline.py, so
+    that the CLI can name it at its top without importing torch (pipeline.py does)."""
+
+
 def is_data_set(folder: Path) -> bool:
     """Whether `folder` holds a manifest written by `ms-ray prepare` (any format version)."""
     try:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
 
 from .tables import Conversation, Dropped, Example, Timeline
 
@@ -72,9 +72,7 @@ class TeacherConfig:
 
 class TeacherClient:
     def __init__(self, cfg: TeacherConfig):
-        import httpx  # only the client needs it; placement and the local server do not
-
-        self.cfg, self._httpx = cfg, httpx
+        self.cfg = cfg
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         # trust_env=False: proxy variables must never reroute a (loopback) endpoint elsewhere.
         self._http = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), headers=headers, trust_env=False)
@@ -89,7 +87,7 @@ class TeacherClient:
                 time.sleep(min(1.0, 0.1 * 2 ** (attempt - 1)))  # short, bounded backoff
             try:
                 resp = self._http.post(url, json=body)
-            except self._httpx.HTTPError as e:  # refused, timed out, reset
+            except httpx.HTTPError as e:  # refused, timed out, reset
                 errors.append(f"{type(e).__name__}: {e or 'no detail'}")
                 continue
             if resp.status_code != 200:
@@ -132,15 +130,6 @@ def build_messages(seen: str, so_far: str, reference: str, final: bool) -> list[
             f"<reply_so_far>\n{so_far}\n</reply_so_far>\n<reference>\n{reference}\n</reference>\n"
             f"{REST if final else NEXT}")
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
-def parse_prompt(content: str) -> dict:
-    """Inverse of `build_messages` for the user message (the local teacher reads it back)."""
-    def section(tag):
-        m = re.search(rf"<{tag}>\n(.*?)\n</{tag}>", content, re.S)
-        return m.group(1) if m else ""
-    return {"input": section("input"), "reply_so_far": section("reply_so_far"),
-            "reference": section("reference"), "final": "<status>input complete</status>" in content}
 
 
 def content_words(text: str) -> set[str]:
@@ -231,84 +220,3 @@ def place(conv, schema, encode, chunks, replies, input_stream, output_stream, mo
     return Example(
         id=f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:16]}", source=conv.source, group=conv.group,
         policy="teacher", rows=tl.to_rows(), meta={"teacher_model": model, "chunks": records})
-
-
-# ---- a local rule-based teacher endpoint (tests, offline dry runs) -----------------------
-def local_teacher_answer(content: str, mode: str = "pace", ratio: float = 0.5) -> str:
-    """Deterministic teacher: copies the reference reply's words in order, about `ratio` reply
-    words per input word seen, and everything left once the input is complete. It only reads
-    what the request shows it. mode "eager" writes the whole reference at once: a teacher that
-    leaks whatever of later input the reference mentions (the causality check must catch it)."""
-    p = parse_prompt(content)
-    ref, done = p["reference"].split(), len(p["reply_so_far"].split())
-    if p["final"] or mode == "eager":
-        return " ".join(ref[done:]) or SILENT
-    target = min(len(ref), int(ratio * len(p["input"].split())))
-    return " ".join(ref[done:target]) or SILENT
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def _send(self, code: int, payload: bytes, ctype="application/json"):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up first (its timeout); nothing to report
-
-    def do_GET(self):
-        if self.path.rstrip("/") != "/v1/models":
-            return self._send(404, b'{"error": "not found"}')
-        models = {"object": "list", "data": [{"id": self.server.model_name, "object": "model"}]}
-        self._send(200, json.dumps(models).encode())
-
-    def do_POST(self):
-        srv = self.server
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = {"unparsed": raw.decode("utf-8", "replace")}
-        with srv.lock:
-            srv.requests.append(body)
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            return self._send(404, b'{"error": "not found"}')
-        if srv.api_key and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
-            return self._send(401, b'{"error": "bad api key"}')
-        if srv.mode == "error":
-            return self._send(500, b'{"error": "teacher exploded"}')
-        if srv.mode == "malformed":
-            return self._send(200, b'{"choices": [ this is not json')
-        if srv.mode == "slow":
-            time.sleep(srv.delay_s)  # bounded: tests set a delay above the client timeout
-        try:
-            content = body["messages"][-1]["content"]
-        except (KeyError, IndexError, TypeError):
-            return self._send(400, b'{"error": "expected OpenAI chat messages"}')
-        text = local_teacher_answer(content, srv.mode, srv.ratio)
-        answer = {"id": f"local-{len(srv.requests)}", "object": "chat.completion", "model": body.get("model"),
-                  "choices": [{"index": 0, "finish_reason": "stop",
-                               "message": {"role": "assistant", "content": text}}]}
-        self._send(200, json.dumps(answer).encode())
-
-
-def serve_local_teacher(host: str = "127.0.0.1", port: int = 0, mode: str = "pace", ratio: float = 0.5,
-                        api_key: str | None = None, delay_s: float = 1.0):
-    """Start the local teacher in a daemon thread; returns (server, base_url). Modes: "pace",
-    "eager" (leaks), "error" (HTTP 500), "malformed" (bad JSON), "slow" (sleeps delay_s).
-    `server.requests` holds every request body received; `server.shutdown()` stops it."""
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"the local teacher binds loopback only, not {host!r}")
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-    server.daemon_threads = True
-    server.requests, server.lock = [], threading.Lock()
-    server.mode, server.ratio, server.api_key, server.delay_s = mode, ratio, api_key, delay_s
-    server.model_name = "local-rule-teacher"
-    # A short poll interval keeps shutdown() quick (it waits for the serving loop to notice).
-    threading.Thread(target=server.serve_forever, args=(0.05,), name="local-teacher", daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"

@@ -8,10 +8,9 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from ..core.streams import StreamSchema
 from .formats import read_chitchat
@@ -67,7 +66,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def corpus_texts(chitchat_limit: int | None = None, skills: bool = True, files=()):
-    """Text that ships with the project, for `ms-ray tokenizer train`: chitchat-dataset turns,
+    """Text that ships with the project, for `ms-ray tokenizer`: chitchat-dataset turns,
     the skill tasks' words, and plain-text files (one document per line)."""
     for conv in read_chitchat(limit=chitchat_limit):
         for turn in conv.turns:

@@ -1,4 +1,6 @@
-"""Decode held-out skill examples as live sessions, score them and time them.
+"""The skill evaluation, in one place: held-out examples decoded as live sessions, scored, summarised.
+
+`ms-ray eval`, `ms-ray compare` and the training loop all call `evaluate` and `summarize`.
 
 Two layouts of the same examples, one harness:
   streams     the multi-stream model: user cells are injected at their rows (one token per
@@ -8,14 +10,35 @@ Two layouts of the same examples, one harness:
               <|end|>`); the user part is injected one token per row (it reads as the user
               types, like the other), everything after it is generated.
 Both run on the same RowDecoder (a one-stream model is a plain causal LM: one token per row),
-greedily. Both use the REAL tool (ms_ray.tools.run_call) on the call THEY wrote: the streams
-model gets the answer on its tool stream TOOL_DELAY rows after the call's last token, as in
-training; the baseline gets it right after it writes `tool:` (two rows after its call's last
-token: one row sooner than the streams model, in the baseline's favour).
+greedily; a session ends on the answer's end token or after the reference's rows + slack_rows.
 
-Timing is counted from the user's last input token (row `user_end`), in rows and in ms
-(wall time between the decoder steps that built those rows: with batch_sessions=1 this is one
-session's latency on this machine). Negative = before the user finished.
+The tool (`tool=`):
+  live      the REAL tool (ms_ray.tools.run_call) answers the call the model wrote: the streams
+            model gets the result on its tool stream TOOL_DELAY rows after the call's last token,
+            as in training; the baseline right after it writes `tool:` (two rows after its call's
+            last token: one row sooner than the streams model, in the baseline's favour);
+  scripted  the reference's result: on the streams model's tool stream at the reference's rows
+            whatever the model called; after the baseline's `tool:`.
+force_outputs=True pushes the reference's output cells too (teacher forcing, silence included):
+it reproduces the reference, a check of the machinery, not of the model.
+
+Metrics, per task and over all examples ("all"). Every row and ms count is taken from the row
+of the user's LAST input token (`user_end`); negative = before the user had finished. ms are the
+wall time between the decoder steps that built those rows: with batch_sessions=1 one session's
+latency on this machine, with more a batch's. A mean over nothing is NaN.
+  n                       examples
+  accuracy                share whose answer equals the reference exactly, end token included
+  no_answer               share with no answer token at all
+  start_rows_after_user   rows from user_end to the first answer token (examples with one)
+  start_ms_after_user     the same in ms
+  end_rows_after_user     rows from user_end to the answer's end token (exact answers only)
+  end_ms_after_user       the same in ms
+  reaction_exact          count_stop with a mid-answer `stop`: share that ended exactly where it had to
+  reaction_rows           count_stop with a mid-answer `stop` (the user's last token): rows to the end token
+  tool_used               tool_call: share whose answer repeats the result of the model's own call
+  talk_while_tool         tool_call: share with an answer token written while the tool worked
+The answer is the output stream's non-silent cells (streams) / what follows the model's first
+`output:` after the user's part (sequential); think and tool_call are not the answer.
 """
 
 from __future__ import annotations
@@ -31,9 +54,14 @@ import torch
 
 from ..core.decode import RowDecoder, StopRules
 from ..core.streams import SchemaError
-from ..data.skills import SKILL_STREAMS, TOOL_DELAY, sequential_text
+from ..data.skills import SEQUENTIAL_STREAMS, SKILL_STREAMS, TASKS, TOOL_DELAY, generate_examples, sequential_text
 from ..data.tables import Example
 from ..tools import run_call
+from ..tracking import Progress
+
+SUMMARY = ("n", "accuracy", "no_answer", "start_rows_after_user", "start_ms_after_user", "end_rows_after_user",
+           "end_ms_after_user", "reaction_exact", "reaction_rows", "tool_used", "talk_while_tool")
+TOOLS = ("live", "scripted")
 
 Pushes = dict[int, list[tuple[str, list[int]]]]  # row -> (stream, tokens) to push before building it
 
@@ -51,6 +79,7 @@ class Episode:
     rows: list[list[int]] = field(default_factory=list)  # [R][C] tokens as decoded
     times: list[float] = field(default_factory=list)  # perf_counter after the step of each row
     tool: list[dict] = field(default_factory=list)  # calls made: call/result text, rows
+    reference_tool: tuple[str, int | None] = ("", None)  # the reference's tool result and its first row
 
 
 def run_episodes(model, episodes: list[Episode], batch_sessions: int,
@@ -84,24 +113,44 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int,
                 progress(len(episodes) - len(waiting) - len(decoder.sessions))
 
 
-# ---- the two layouts ----------------------------------------------------------------------
+# ---- the held-out examples and the two layouts ---------------------------------------------
+def held_out_examples(cfg, tokenizer) -> list[Example]:
+    """The same examples for every model: `cfg.examples_per_task` per task of `cfg.tasks` (default
+    all), drawn as stream tables with `cfg.seed` (SkillEvalConfig or EvalConfig)."""
+    tasks = tuple(cfg.tasks or TASKS)
+    return generate_examples(cfg.examples_per_task * len(tasks), cfg.seed, SKILL_STREAMS.bind(tokenizer),
+                             lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tasks)
+
+
+def is_skills_model(schema) -> bool:
+    """A streams skills model (SKILL_STREAMS' streams) or a sequential baseline (SEQUENTIAL_STREAMS':
+    one output stream `text` with an end token); False for any other schema, e.g. a chat model's."""
+    if schema.names == SKILL_STREAMS.names:
+        return True
+    return schema.names == SEQUENTIAL_STREAMS.names and schema.streams[0].role == "output" and (
+        schema.streams[0].end_token is not None)
+
+
 def layout_of(schema) -> str:
     if schema.names == SKILL_STREAMS.names:
         return "streams"
-    if schema.num_streams == 1:
+    if is_skills_model(schema):
         return "sequential"
     raise SchemaError(f"not a skills model: streams {schema.names}; the skill evaluation needs the streams "
-                      f"{SKILL_STREAMS.names} or a single-stream baseline")
+                      f"{SKILL_STREAMS.names} or a sequential baseline's one output stream {SEQUENTIAL_STREAMS.names} "
+                      "with an end token")
 
 
 class Layout:
-    """What differs between the two layouts: building an episode and reading its answer."""
+    """What differs between the two layouts: building an episode, the tool, reading the answer."""
 
-    def __init__(self, schema, tokenizer):
-        self.schema, self.tokenizer = schema, tokenizer
+    def __init__(self, schema, tokenizer, tool: str = "live", force_outputs: bool = False):
+        if tool not in TOOLS:
+            raise ValueError(f"tool must be one of {TOOLS}, got {tool!r}")
+        self.schema, self.tokenizer, self.tool, self.force_outputs = schema, tokenizer, tool, force_outputs
         self.kind = layout_of(schema)
         self.silence = schema.silence_id
-        self.end_id = schema.end_ids()["output" if self.kind == "streams" else "text"]
+        self.end_id = schema.end_ids()["output" if self.kind == "streams" else schema.names[0]]
         if self.kind == "sequential":
             self.label = {s: self._one_token(f"{s}:") for s in ("tool_call", "tool", "output")}
 
@@ -120,18 +169,33 @@ class Layout:
     # ---- episodes ----------------------------------------------------------------------
     def episode(self, key: str, example: Example, slack_rows: int) -> Episode:
         if self.kind == "streams":
-            user = example.meta["inputs"]["user"]
-            pushes: Pushes = {}
-            for stream, cells in example.meta["inputs"].items():
-                if stream != "tool":  # the tool answers what the model calls, live
-                    for row, tok in cells:
-                        pushes.setdefault(int(row), []).append((stream, [int(tok)]))
-            user_end = max(int(r) for r, _ in user)
-            return Episode(key, example.num_rows + slack_rows, "output", user_end, pushes, self._stream_tool)
+            return self._streams_episode(key, example, slack_rows)
+        text = self.schema.names[0]
         prompt = self.encode(sequential_text({"user": example.meta["parts"]["user"]}))
         full = self.encode(sequential_text(example))
-        return Episode(key, len(full) + slack_rows, "text", len(prompt) - 1, {0: [("text", prompt)]}, self._sequence_tool)
+        pushed = full if self.force_outputs else prompt
+        ep = Episode(key, len(full) + slack_rows, text, len(prompt) - 1, {0: [(text, pushed)]}, self._sequence_tool)
+        ep.reference_tool = (example.meta["parts"].get("tool", ""), None)
+        return ep
 
+    def _streams_episode(self, key: str, example: Example, slack_rows: int) -> Episode:
+        inputs, pushes = example.meta["inputs"], {}
+        for stream, cells in inputs.items():
+            if stream != "tool" or self.tool == "scripted":  # a live tool answers what the model calls
+                for row, tok in cells:
+                    pushes.setdefault(int(row), []).append((stream, [int(tok)]))
+        if self.force_outputs:
+            for s, spec in enumerate(self.schema.streams):
+                if spec.role == "output":
+                    for row, tok in enumerate(example.rows[:, s]):
+                        pushes.setdefault(row, []).append((spec.name, [int(tok)]))
+        user_end = max(int(r) for r, _ in inputs["user"])
+        ep = Episode(key, example.num_rows + slack_rows, "output", user_end, pushes, self._stream_tool)
+        tool_rows = [int(r) for r, _ in inputs.get("tool", [])]
+        ep.reference_tool = (example.meta["parts"].get("tool", ""), min(tool_rows) if tool_rows else None)
+        return ep
+
+    # ---- the tool ----------------------------------------------------------------------
     def _stream_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
         """A call is the tool_call stream's text up to its first silent cell after it."""
         tok = tokens[self.schema.index("tool_call")]
@@ -153,13 +217,21 @@ class Layout:
         first = starts[-1] + 1 if starts else row
         call = {"first_row": first, "last_row": row - 1, "ids": col[first:row]}
         ep.tool.append(call)
-        self._answer(ep, call, "text", row + 1)
+        self._answer(ep, call, self.schema.names[0], row + 1)
 
     def _answer(self, ep: Episode, call: dict, stream: str, at_row: int) -> None:
+        """Answer a finished call: live, the tool's result at `at_row`; scripted, the reference's
+        (streams: at its own rows, already scheduled). Teacher-forced sequential text holds it."""
         call["call"] = self.text(call.pop("ids"))
-        call["result"] = run_call(call["call"])
-        call["result_row"] = at_row
-        ep.pushes.setdefault(at_row, []).append((stream, self.encode(call["result"])))
+        if self.tool == "live":
+            call["result"], call["result_row"] = run_call(call["call"]), at_row
+        else:
+            result, row = ep.reference_tool
+            call["result"], call["result_row"] = result, row if self.kind == "streams" else at_row
+        scheduled = (self.kind == "streams" and self.tool == "scripted") or (
+            self.kind == "sequential" and self.force_outputs)
+        if not scheduled:
+            ep.pushes.setdefault(at_row, []).append((stream, self.encode(call["result"])))
 
     # ---- reading the answer ------------------------------------------------------------
     def answer(self, ep: Episode, example: Example) -> tuple[list[int], list[int], list[int]]:
@@ -178,8 +250,10 @@ class Layout:
         return [col[i] for i in at], at, reference
 
 
+# ---- scoring ------------------------------------------------------------------------------
 def score(layout: Layout, ep: Episode, example: Example) -> dict:
-    """One record: exactness, timings (rows, ms) and the behaviours only streams can show."""
+    """One record (plain values: JSON and pickle): exactness, timings from the user's last
+    token (rows, ms), the tool calls made, and the behaviours only streams can show."""
     meta, user_end = example.meta, ep.user_end
     got, at, reference = layout.answer(ep, example)
     exact = got == reference
@@ -192,11 +266,12 @@ def score(layout: Layout, ep: Episode, example: Example) -> dict:
         return 1000 * (ep.times[row] - ep.times[user_end])
 
     rec = {
-        "id": example.id, "task": meta["task"], "layout": layout.kind, "exact": exact,
+        "id": example.id, "task": meta["task"], "layout": layout.kind, "tool": layout.tool, "exact": exact,
         "answer": layout.text(got), "reference": layout.text(reference),
-        "ttft_rows": None if first is None else first - user_end, "ttft_ms": ms(first),
-        "latency_rows": end_row - user_end if exact else None, "latency_ms": ms(end_row) if exact else None,
-        "rows": len(ep.rows), "tool": ep.tool,
+        "start_rows_after_user": None if first is None else first - user_end, "start_ms_after_user": ms(first),
+        "end_rows_after_user": end_row - user_end if exact else None,
+        "end_ms_after_user": ms(end_row) if exact else None,
+        "rows": len(ep.rows), "tool_calls": [tool_call(layout, c) for c in ep.tool],
     }
     if meta["task"] == "count_stop" and "stop" in meta["parts"]["user"].split():
         # `stop` is the user's last word: rows from it to the end of the answer, and whether
@@ -204,26 +279,35 @@ def score(layout: Layout, ep: Episode, example: Example) -> dict:
         rec["reaction_exact"] = exact
         rec["reaction_rows"] = None if end_row is None else end_row - user_end
     if meta["task"] == "tool_call":
-        calls = [c for c in ep.tool if "result" in c]  # finished calls
+        calls = [c for c in rec["tool_calls"] if "result" in c]  # finished calls
         call = calls[0] if calls else None
         words = rec["answer"].split()
         rec["tool_used"] = bool(call) and len(words) >= 2 and words[-2] == call["result"]
         # an answer token written while the tool worked (from the call's first token until the
         # result arrives): talking while acting
-        rec["talk_while_tool"] = call is not None and any(call["first_row"] <= r <= call["result_row"] for r in at)
+        rec["talk_while_tool"] = call is not None and call["result_row"] is not None and any(
+            call["first_row"] <= r <= call["result_row"] for r in at)
     return rec
 
 
-def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1, slack_rows: int = 8,
-             progress: bool = False) -> list[dict]:
-    """Decode and score `examples` with a streams or a sequential skills model; one record each.
-    progress: show examples done / total, rate and ETA on stderr (a bar on a terminal, else a
-    line every 30 s and one at the end)."""
-    from ..tracking import Progress
+def tool_call(layout: Layout, call: dict) -> dict:
+    """A call as recorded: text, result, rows; one still being written when the session ended
+    has its text so far and no result."""
+    call = dict(call)
+    if "ids" in call:
+        call["call"] = layout.text(call.pop("ids"))
+    return call
 
+
+def evaluate(model, tokenizer, examples: list[Example], *, batch_sessions: int = 1, slack_rows: int = 8,
+             tool: str = "live", force_outputs: bool = False, progress: bool = False) -> list[dict]:
+    """Decode and score `examples` with a streams or a sequential skills model; one record each
+    (plain values: the training loop all_gathers them across ranks). No examples: no records.
+    progress: show examples done / total, rate and ETA on stderr (a bar on a terminal, else a
+    line every 30 s and one at the end). The model's training mode is restored."""
+    layout = Layout(model.schema, tokenizer, tool, force_outputs)
     if not examples:
-        raise ValueError("evaluate needs at least one example")
-    layout = Layout(model.schema, tokenizer)
+        return []
     episodes = [layout.episode(str(i), ex, slack_rows) for i, ex in enumerate(examples)]
     was_training = model.training
     shown = Progress(len(episodes), f"eval ({layout.kind})") if progress else None
@@ -237,23 +321,27 @@ def evaluate(model, tokenizer, examples: list[Example], batch_sessions: int = 1,
 
 
 # ---- summaries ----------------------------------------------------------------------------
-SUMMARY = ("n", "accuracy", "no_output", "ttft_rows", "ttft_ms", "latency_rows", "latency_ms",
-           "reaction_exact", "reaction_rows", "tool_used", "talk_while_tool")
-
-
 def mean(values) -> float:
+    """The mean of the values that are not None (exactly rounded: the same in any order); NaN for none."""
     values = [float(v) for v in values if v is not None]
-    return float(np.mean(values)) if values else math.nan
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def task_order(tasks) -> list[str]:
+    """The built-in tasks in their own order, then any others as they came; "all" left out."""
+    seen = [t for t in dict.fromkeys(tasks) if t != "all"]
+    return [t for t in TASKS if t in seen] + [t for t in seen if t not in TASKS]
 
 
 def summarize(records: list[dict]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} plus "all"; a behaviour's mean is over the records that have it."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    """{task: {metric: value}} plus "all" (metrics: SUMMARY, defined in the module docstring);
+    a behaviour's mean is over the records that have it. Records in any order (e.g. gathered
+    from several ranks) give the same summary."""
     out = {}
-    for task in [*tasks, "all"]:
+    for task in [*task_order(r["task"] for r in records), "all"]:
         group = [r for r in records if task in ("all", r["task"])]
         m = {"n": len(group), "accuracy": mean(r["exact"] for r in group),
-             "no_output": mean(r["ttft_rows"] is None for r in group)}
+             "no_answer": mean(r["start_rows_after_user"] is None for r in group)}
         for key in SUMMARY[3:]:
             m[key] = mean(r.get(key) for r in group)
         out[task] = m

@@ -1,7 +1,9 @@
-"""What `ms-ray eval` and `ms-ray compare` write: a Markdown table, PNG plots, JSON records.
+"""What `ms-ray eval`, `ms-ray compare` and `ms-ray train` show: one Markdown table (format_tables),
+PNG plots, JSON records, flat metrics for W&B and Ray Train.
 
 Every function takes `summaries`: {model label: harness.summarize(...)}; with two labels each
-cell reads "first / second", so one table serves one model or a comparison.
+cell reads "first / second", so one table serves one model or a comparison. The metrics are
+defined once, in ms_ray/evaluation/harness.py.
 """
 
 from __future__ import annotations
@@ -10,21 +12,27 @@ import json
 import math
 from pathlib import Path
 
+from .harness import task_order
+
 # (metric, column title, format, scale)
 COLUMNS = (
     ("accuracy", "exact match %", ".1f", 100),
-    ("ttft_rows", "first answer token, rows", "+.1f", 1),
-    ("ttft_ms", "first answer token, ms", "+.1f", 1),
-    ("latency_rows", "end of answer, rows", "+.1f", 1),
-    ("latency_ms", "end of answer, ms", "+.1f", 1),
-    ("no_output", "no answer %", ".0f", 100),
+    ("start_rows_after_user", "first answer token, rows", "+.1f", 1),
+    ("start_ms_after_user", "first answer token, ms", "+.1f", 1),
+    ("end_rows_after_user", "end of answer, rows", "+.1f", 1),
+    ("end_ms_after_user", "end of answer, ms", "+.1f", 1),
+    ("no_answer", "no answer %", ".1f", 100),
 )
 BEHAVIOURS = (  # (task, metric, what it shows, format, scale)
-    ("count_stop", "reaction_exact", "count ends exactly where the mid-answer `stop` fell, % (stopped examples)", ".1f", 100),
+    ("count_stop", "reaction_exact", "count ends exactly where the mid-answer `stop` fell, % (stopped examples)",
+     ".1f", 100),
     ("count_stop", "reaction_rows", "rows from the user's `stop` to the end of the answer", ".1f", 1),
     ("tool_call", "tool_used", "answer repeats the result of the model's own tool call, %", ".1f", 100),
     ("tool_call", "talk_while_tool", "answer words written while the tool was working, % of examples", ".1f", 100),
 )
+TIMING = ("Rows and ms are counted from the row of the user's last input token (negative: before the user "
+          "finished); end of answer: exact answers only.")
+PREFIX = "skills"  # flat keys of one model: skills/<task>/<metric>
 
 
 def number(value, fmt: str, scale: float = 1) -> str:
@@ -38,22 +46,42 @@ def format_tables(summaries: dict[str, dict]) -> str:
     """Markdown: one line per task ("all" last), then the behaviours table."""
     labels = list(summaries)
     first = summaries[labels[0]]
-    tasks = [t for t in first if t != "all"] + ["all"]
-    legend = " / ".join(labels)
-    lines = [f"| task | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
+    tasks = task_order(first) + (["all"] if "all" in first else [])
+    lines = [("" if len(labels) == 1 else f"Cells read {' / '.join(labels)}. ") + TIMING, "",
+             f"| task | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
              "|---|---:|" + "---:|" * len(COLUMNS)]
     for task in tasks:
         cells = [" / ".join(number(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels)
                  for key, _, fmt, scale in COLUMNS]
         lines.append(f"| {task} | {first[task]['n']:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", f"| behaviour | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
-    for task, key, what, fmt, scale in BEHAVIOURS:
-        if task in first:
-            lines.append(f"| {what} | " + " | ".join(number(summaries[lb][task].get(key), fmt, scale) for lb in labels) + " |")
-    if len(labels) > 1:
-        lines.insert(0, f"Cells read {legend}. Rows and ms are counted from the user's last input token "
-                        "(negative: before the user finished).\n")
+    behaviours = [(task, key, what, fmt, scale) for task, key, what, fmt, scale in BEHAVIOURS if task in first]
+    if behaviours:
+        lines += ["", f"| behaviour | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
+    for task, key, what, fmt, scale in behaviours:
+        cells = [number(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def skill_metrics(summary: dict[str, dict], prefix: str = PREFIX) -> dict[str, float]:
+    """{"skills/<task>/<metric>": value} of one harness.summarize(...), NaNs left out: flat keys
+    for W&B and Ray Train reports. skill_table turns them back into the report's table."""
+    return {f"{prefix}/{task}/{key}": float(v) for task, m in summary.items() for key, v in m.items()
+            if not math.isnan(v)}
+
+
+def skill_table(metrics: dict, label: str = "model", prefix: str = PREFIX) -> str:
+    """The Markdown table of skill_metrics' flat keys (other keys are ignored): format_tables
+    of one model labelled `label`; a metric left out (NaN) shows as "–"."""
+    summary: dict[str, dict] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == prefix:
+            summary.setdefault(parts[1], {})[parts[2]] = value
+    tasks = [t for t in task_order(summary) if "n" in summary[t]] + (["all"] if "n" in summary.get("all", {}) else [])
+    if not tasks:
+        return ""
+    return format_tables({label: {t: summary[t] for t in tasks}})
 
 
 def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
@@ -69,10 +97,12 @@ def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
     x, width = np.arange(len(tasks)), 0.8 / len(labels)
     figures = {
         "accuracy.png": ("Exact match on held-out examples", [("accuracy", "exact match %", 100, ".0f")]),
-        "latency_rows.png": ("Rows from the user's last token", [("ttft_rows", "first answer token", 1, ".1f"),
-                                                                 ("latency_rows", "end of answer", 1, ".1f")]),
-        "latency_ms.png": ("Milliseconds from the user's last token (one session, this CPU)",
-                           [("ttft_ms", "first answer token", 1, ".0f"), ("latency_ms", "end of answer", 1, ".0f")]),
+        "latency_rows.png": ("Rows from the user's last token",
+                             [("start_rows_after_user", "first answer token", 1, ".1f"),
+                              ("end_rows_after_user", "end of answer", 1, ".1f")]),
+        "latency_ms.png": ("Milliseconds from the user's last token (this machine)",
+                           [("start_ms_after_user", "first answer token", 1, ".0f"),
+                            ("end_ms_after_user", "end of answer", 1, ".0f")]),
     }
     paths = []
     for name, (title, panels) in figures.items():
@@ -97,8 +127,7 @@ def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
 
 def flat_metrics(summaries: dict[str, dict]) -> dict[str, float]:
     """{"<label>/<task>/<metric>": value} without NaNs, for W&B and JSON."""
-    return {f"{label}/{task}/{key}": float(v) for label, per_task in summaries.items()
-            for task, m in per_task.items() for key, v in m.items() if not math.isnan(v)}
+    return {k: v for label, summary in summaries.items() for k, v in skill_metrics(summary, label).items()}
 
 
 def write_records(records: list[dict], path: Path) -> None:

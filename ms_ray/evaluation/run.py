@@ -5,28 +5,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .harness import SUMMARY, evaluate, layout_of, summarize
+from ..core.loading import load_export
+from ..tracking import log_report
+from .harness import SUMMARY, evaluate, held_out_examples, layout_of, summarize
 from .report import flat_metrics, write_report
 
-def held_out_examples(cfg, tokenizer) -> list:
-    """The same examples for every model: drawn as stream tables with the eval seed."""
-    from ..data.pipeline import encoder
-    from ..data.skills import SKILL_STREAMS, TASKS, generate_examples
-
-    tasks = tuple(cfg.tasks or TASKS)
-    return generate_examples(cfg.examples_per_task * len(tasks), cfg.seed, SKILL_STREAMS.bind(tokenizer),
-                             encoder(tokenizer), tasks)
+__all__ = ["held_out_examples", "score_checkpoint", "publish", "eval_checkpoint"]
 
 
 def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
-    from ..core.loading import load_export
-
+    """Records of one exported model on the held-out examples of `cfg` (SkillEvalConfig), and
+    what to say about it (layout, streams, parameters, tool, seconds)."""
     model, tokenizer = load_export(checkpoint, dtype="float32")  # scored in fp32 on any device
     started = time.perf_counter()
-    records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), cfg.batch_sessions, cfg.slack_rows,
-                       progress=True)
+    records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), batch_sessions=cfg.batch_sessions,
+                       slack_rows=cfg.slack_rows, tool=cfg.tool, progress=True)
     info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,
-            "parameters": sum(p.numel() for p in model.parameters()), "eval_seconds": time.perf_counter() - started}
+            "parameters": sum(p.numel() for p in model.parameters()), "tool": cfg.tool,
+            "eval_seconds": time.perf_counter() - started}
     return records, info
 
 
@@ -37,12 +33,10 @@ def _table(summaries: dict) -> tuple[list[str], list[list]]:
 
 
 def publish(cfg, out: Path, title: str, summaries: dict, records: dict, notes: str, extra: dict) -> str:
-    from ..tracking import log_report
-
     markdown, plots = write_report(out, title, summaries, records, notes, extra)
+    numbers = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
     wandb_dir = log_report(cfg.wandb, cfg.name, out, cfg.model_dump(by_alias=True),
-                           {**flat_metrics(summaries), **{k: v for k, v in extra.items() if isinstance(v, (int, float))}},
-                           {"summary": _table(summaries)}, plots)
+                           {**flat_metrics(summaries), **numbers}, {"summary": _table(summaries)}, plots)
     print(markdown)
     print(f"written to {out}: report.md, summary.json, records-*.jsonl, {', '.join(p.name for p in plots)}"
           + (f"; W&B run in {wandb_dir}" if wandb_dir else ""))
@@ -56,7 +50,7 @@ def eval_checkpoint(cfg) -> dict:
     label = info["layout"]
     summaries = {label: summarize(records)}
     notes = (f"{info['checkpoint']}: {info['parameters']:,} parameters, streams {info['streams']}; "
-             f"{len(records)} held-out examples (seed {cfg.eval.seed}), decoded in {info['eval_seconds']:.0f} s "
-             f"with {cfg.eval.batch_sessions} session(s) at a time.")
+             f"{len(records)} held-out examples (seed {cfg.eval.seed}), {cfg.eval.tool} tool, decoded in "
+             f"{info['eval_seconds']:.0f} s with {cfg.eval.batch_sessions} session(s) at a time.")
     publish(cfg, out, f"ms-ray eval: {label} model", summaries, {label: records}, notes, info)
     return summaries[label]

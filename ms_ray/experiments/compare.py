@@ -30,11 +30,13 @@ def arm_configs(cfg) -> dict[str, TrainConfig]:
         if cfg.address:
             arms[arm] = arms[arm].model_copy(update={"address": cfg.address})
     a, b = (arms[arm].model_dump() for arm in ARMS)
-    differ = [k for k in BUDGET if a[k] != b[k]] + (["data.batch_size"] if a["data"]["batch_size"] != b["data"]["batch_size"] else [])
+    differ = [k for k in BUDGET if a[k] != b[k]]
+    differ += ["data.batch_size"] if a["data"]["batch_size"] != b["data"]["batch_size"] else []
     if differ:
         raise ConfigError(f"compare: the arms do not have the same budget: {', '.join(differ)} differ")
     if len(arms["sequential"].schema_.streams) != 1:
-        raise ConfigError(f"compare: sequential.train must have one stream, got {[s.name for s in arms['sequential'].schema_.streams]}")
+        names = [s.name for s in arms["sequential"].schema_.streams]
+        raise ConfigError(f"compare: sequential.train must have one stream, got {names}")
     return arms
 
 
@@ -50,7 +52,8 @@ def compare(cfg) -> dict:
     arms = arm_configs(cfg)
     budget = {}
     for arm, train_cfg in arms.items():
-        print(f"\n# compare: training the {arm} model ({train_cfg.run.name}, {train_cfg.optim.max_steps} steps)", flush=True)
+        print(f"\n# compare: training the {arm} model ({train_cfg.run.name}, {train_cfg.optim.max_steps} steps)",
+              flush=True)
         metrics = train(train_cfg)
         budget[arm] = {"steps": metrics.get("step"), "train_loop_s": metrics.get("time/train_loop_s", float("nan")),
                        "train_wall_s": metrics.get("wall_s"), "tokens_per_pack": tokens_per_pack(train_cfg),

@@ -49,13 +49,16 @@ class Access:
         """-> whether the write is a force (an output stream); raises the protocol's error otherwise."""
         kind = roles_of_streams.get(stream)
         if kind is None:
-            raise ServeError("unknown_stream", f"no stream {stream!r}; this model's streams are {list(roles_of_streams)}")
+            raise ServeError("unknown_stream",
+                             f"no stream {stream!r}; this model's streams are {list(roles_of_streams)}")
         if kind == "output":
             if stream in self.force:
                 return True
-            raise ServeError("output_stream", f"stream {stream!r} is an output stream: the model writes it, clients cannot")
+            raise ServeError("output_stream",
+                             f"stream {stream!r} is an output stream: the model writes it, clients cannot")
         if stream not in self.write:
-            raise ServeError("forbidden", f"role {self.role!r} may not write stream {stream!r} (it may write {sorted(self.write)})")
+            raise ServeError("forbidden",
+                             f"role {self.role!r} may not write stream {stream!r} (it may write {sorted(self.write)})")
         return False
 
 

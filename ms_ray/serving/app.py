@@ -1,7 +1,7 @@
 """The Ray Serve application: ingress -> session server (model replicas) -> tool runner.
 
     build(args)          the application builder `serve run` / `serve deploy` call (serve/*.yaml);
-    serve_local(cfg)     `ms-ray serve CHECKPOINT`: embedded Ray on 127.0.0.1, blocks until Ctrl-C.
+    serve_local(cfg)     `ms-ray serve checkpoint=PATH`: embedded Ray on 127.0.0.1, blocks until Ctrl-C.
 
 Each SessionServer replica loads the checkpoint, warms up, and only then counts as running
 (readiness). Calls naming a session are pinned to its replica by routing.SessionRouter.
@@ -10,23 +10,21 @@ Each SessionServer replica loads the checkpoint, warms up, and only then counts 
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 
+import torch
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from ..config import ServeConfig, load_config
-from .access import ServeError
-from .sessions import EngineSettings, SessionEngine
+from ..core.loading import load_export
+from ..ray_env import init_ray
 from ..tools import run_call
-
-SESSION_ID = re.compile(r"^[a-z0-9]{8}\.[0-9a-f]{16}$")
-
-
-async def _awaited(response):  # above the deployments: Serve pickles them when decorated
-    return await response
+from .access import ServeError
+from .ingress import Ingress, awaited  # never the other way round: the ingress replica must not load torch
+from .session_ids import replica_of
+from .sessions import EngineSettings, SessionEngine
 
 
 def refusal(e: ServeError) -> dict:
@@ -37,8 +35,8 @@ def engine_settings(cfg: ServeConfig, tools: bool) -> EngineSettings:
     s = cfg.session
     return EngineSettings(
         max_sessions=cfg.model.max_sessions_per_replica, row_interval_s=s.row_interval_s, max_rows=s.max_rows,
-        end_on_end_token=s.end_on_end_token, quiet_after_end=s.quiet_after_end, silent_rows=s.silent_rows, idle_timeout_s=s.idle_timeout_s,
-        backlog_rows=s.backlog_rows, max_append_chars=s.max_append_chars,
+        end_on_end_token=s.end_on_end_token, quiet_after_end=s.quiet_after_end, silent_rows=s.silent_rows,
+        idle_timeout_s=s.idle_timeout_s, backlog_rows=s.backlog_rows, max_append_chars=s.max_append_chars,
         sampling={k: v.build() for k, v in s.sampling.items()},
         tool_call_stream=cfg.tools.call_stream if tools else None,
         tool_result_stream=cfg.tools.result_stream if tools else None,
@@ -59,10 +57,6 @@ class SessionServer:
     """One batched decoder and its live sessions; the unit that autoscales."""
 
     def __init__(self, config: dict, tools=None):
-        import torch
-
-        from ..core.loading import load_export
-
         cfg = ServeConfig.model_validate(config, context={"check_paths": False})
         if cfg.model.num_cpus >= 1:
             torch.set_num_threads(int(cfg.model.num_cpus))
@@ -70,8 +64,8 @@ class SessionServer:
         model, tokenizer = load_export(cfg.checkpoint, cfg.device, cfg.dtype)
         names = model.schema.names
         use_tools = tools is not None and cfg.tools.call_stream in names and cfg.tools.result_stream in names
-        run_tool = (lambda call: _awaited(tools.run.remote(call))) if use_tools else None
-        self.engine = SessionEngine(model, tokenizer, engine_settings(cfg, use_tools), f"{self.replica}.", run_tool)
+        run_tool = (lambda call: awaited(tools.run.remote(call))) if use_tools else None
+        self.engine = SessionEngine(model, tokenizer, engine_settings(cfg, use_tools), self.replica, run_tool)
         started = time.perf_counter()
         warm = self.engine.decoder.open("warmup")  # the first forward pays for lazy init: not a client
         self.engine.decoder.step(), self.engine.decoder.step()
@@ -96,7 +90,8 @@ class SessionServer:
     async def events(self, session: str, streams: list[str] | None = None, from_row: int = 0):
         try:
             self._owned(session)
-            async for batch in self.engine.subscribe(session, None if streams is None else frozenset(streams), from_row):
+            readable = None if streams is None else frozenset(streams)
+            async for batch in self.engine.subscribe(session, readable, from_row):
                 yield batch
         except ServeError as e:
             yield [refusal(e)]
@@ -120,14 +115,13 @@ class SessionServer:
     def _owned(self, session: str) -> None:
         if session in self.engine.sessions or session in self.engine.ended:
             return
-        if SESSION_ID.match(session) and not session.startswith(f"{self.replica}."):
+        owner = replica_of(session)
+        if owner is not None and owner != self.replica:
             raise ServeError("session_lost", f"session {session!r} lived on a replica that is gone; open a new session")
 
 
 def build(args: dict):
     """Application builder: `args` is a ServeConfig (the `args:` of serve/*.yaml)."""
-    from .ingress import Ingress
-
     cfg = args if isinstance(args, ServeConfig) else load_config(ServeConfig, data=args)
     m = cfg.model
     logs = {"log_level": cfg.log_level, "enable_access_log": cfg.access_log}
@@ -162,8 +156,6 @@ def stop_on_sigterm(signum, frame):
 def serve_local(cfg: ServeConfig, blocking: bool = True):
     """Run the app on an embedded Ray bound to 127.0.0.1 (or cfg.host); returns the base URL.
     Ctrl-C stops it cleanly at any point, start-up included."""
-    from ..ray_env import init_ray
-
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"ms-ray serve: starting {cfg.checkpoint} at {url}", flush=True)
     init_ray()

@@ -22,10 +22,22 @@ from ray.serve.exceptions import BackPressureError
 
 from ..config import ServeConfig
 from .access import (
-    HTTP_STATUS, WS_CLOSE, Access, AccessPolicy, ServeError, check_frame, key_from, parse_frame, parse_json_object,
+    HTTP_STATUS,
+    WS_CLOSE,
+    Access,
+    AccessPolicy,
+    ServeError,
+    check_frame,
+    key_from,
+    parse_frame,
+    parse_json_object,
 )
 
-async def _awaited(response):  # module-level and above the deployments: Serve pickles them when decorated
+
+async def awaited(response):
+    """A handle call's response as a coroutine (for asyncio.wait_for). Module-level, above the
+    deployments, in this torch-free module: Serve pickles the decorated deployments and their
+    replicas import what they reference; app.py's SessionServer uses it too, for tool calls."""
     return await response
 
 
@@ -60,6 +72,26 @@ def error_body(err: ServeError, retry_after: int | None = None) -> JSONResponse:
                         status_code=HTTP_STATUS.get(err.code, 500), headers=headers)
 
 
+def socket_senders(ws: WebSocket):
+    """send(frame), finish(code, reason) and fail(error) for one WebSocket; one writer at a time
+    (the pump and the receive loop both send)."""
+    lock = asyncio.Lock()
+
+    async def send(frame: dict):
+        async with lock:
+            await ws.send_text(json.dumps(frame))
+
+    async def finish(code: int, reason: str):
+        async with lock:
+            await ws.close(code, reason=reason[:120])  # a close reason holds at most 123 bytes
+
+    async def fail(err: ServeError):
+        await send({"type": "error", "code": err.code, "message": err.message})
+        await finish(WS_CLOSE.get(err.code, 1011), err.message)
+
+    return send, finish, fail
+
+
 def _sse(event: dict) -> str:
     row_id = f"id: {event['row']}\n" if event["type"] == "row" else ""
     return f"{row_id}event: {event['type']}\ndata: {json.dumps(event)}\n\n"
@@ -79,7 +111,7 @@ class Ingress:
     async def call(self, response):
         """Await one handle call with the configured timeout; raises ServeError."""
         try:
-            result = await asyncio.wait_for(_awaited(response), self.timeout)
+            result = await asyncio.wait_for(awaited(response), self.timeout)
         except asyncio.TimeoutError as e:
             response.cancel()
             raise as_serve_error(e) from None
@@ -108,7 +140,8 @@ class Ingress:
 
     async def events(self, access: Access, session: str, from_row: int = 0):
         """Batches of events of a session; raises ServeError (session_lost when its replica dies)."""
-        stream = self.server.options(stream=True).events.remote(session=session, streams=sorted(access.read), from_row=from_row)
+        stream = self.server.options(stream=True).events.remote(session=session, streams=sorted(access.read),
+                                                                from_row=from_row)
         try:
             async for batch in stream:
                 yield batch
@@ -158,20 +191,7 @@ class Ingress:
 
     async def websocket(self, ws: WebSocket, attach: str | None):
         await ws.accept()
-        lock = asyncio.Lock()
-
-        async def send(frame: dict):
-            async with lock:
-                await ws.send_text(json.dumps(frame))
-
-        async def finish(code: int, reason: str):
-            async with lock:
-                await ws.close(code, reason=reason[:120])  # a close reason holds at most 123 bytes
-
-        async def fail(err: ServeError):
-            await send({"type": "error", "code": err.code, "message": err.message})
-            await finish(WS_CLOSE.get(err.code, 1011), err.message)
-
+        send, finish, fail = socket_senders(ws)
         try:
             access = await self.access(ws.headers, ws.query_params)
             info = {"id": attach, "streams": self.streams} if attach else await self.open_session(access)
@@ -311,7 +331,8 @@ class Ingress:
                 raise ServeError("bad_frame", "'inputs' must map stream names to text")
             if max_rows is not None and (not isinstance(max_rows, int) or max_rows <= 0):
                 raise ServeError("bad_frame", "'max_rows' must be a positive integer")
-            queued = [(stream, text, access.check_write(stream, self.policy.stream_roles)) for stream, text in inputs.items()]
+            queued = [(stream, text, access.check_write(stream, self.policy.stream_roles))
+                      for stream, text in inputs.items()]
             info = await self.open_session(access, max_rows=max_rows, end_on_end_token=True, inputs=queued)
         except ServeError as e:
             return error_body(e, self.cfg.ingress.retry_after_s)

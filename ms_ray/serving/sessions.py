@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..core.decode import RowDecoder, Sampling, StopRules
 from .access import ServeError
+from .session_ids import new_session_id
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,12 @@ class LiveSession:
 
 
 class SessionEngine:
-    def __init__(self, model, tokenizer, settings: EngineSettings = EngineSettings(), id_prefix: str = "",
+    def __init__(self, model, tokenizer, settings: EngineSettings = EngineSettings(), replica: str = "local",
                  run_tool: Callable[[str], Awaitable[str]] | None = None):
         self.tokenizer, self.settings = tokenizer, settings
         self.schema = model.schema
         self.decoder = RowDecoder(model, max_sessions=settings.max_sessions, seed=settings.seed)
-        self.id_prefix, self.run_tool = id_prefix, run_tool
+        self.replica, self.run_tool = replica, run_tool  # replica: the start of every session id here
         self.sessions: dict[str, LiveSession] = {}
         self.lock = asyncio.Lock()  # the decoder is touched by one coroutine (or the step thread) at a time
         self.loop_task: asyncio.Task | None = None
@@ -121,12 +121,14 @@ class SessionEngine:
         """Start a session; its rows begin at once, on the row clock. max_rows/end_on_end_token
         override the settings for this session (the one-shot endpoint ends on the end token);
         inputs [(stream, text, force)] are queued before its first row."""
-        sid = f"{self.id_prefix}{uuid.uuid4().hex[:16]}"
+        sid = new_session_id(self.replica)
         end = self.settings.end_on_end_token if end_on_end_token is None else end_on_end_token
-        stop = StopRules(min(max_rows or self.settings.max_rows, self.settings.max_rows), None if end else (), self.settings.silent_rows)
+        stop = StopRules(min(max_rows or self.settings.max_rows, self.settings.max_rows), None if end else (),
+                         self.settings.silent_rows)
         async with self.lock:  # checked under the lock: two opens waiting for a step cannot both pass
             if len(self.sessions) >= self.settings.max_sessions:
-                raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.settings.max_sessions} sessions; retry later")
+                raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.settings.max_sessions} "
+                                         "sessions; retry later")
             self.decoder.open(sid, sampling=self.settings.sampling, stop=stop)
         self.sessions[sid] = LiveSession(
             sid, {name: IncrementalText(self.tokenizer) for name in self.schema.names},
@@ -149,11 +151,13 @@ class SessionEngine:
         if stream not in self.schema.names:
             raise ServeError("unknown_stream", f"no stream {stream!r}; this model's streams are {self.schema.names}")
         if self.schema.role(stream) != "input" and not force:
-            raise ServeError("output_stream", f"stream {stream!r} is an output stream: the model writes it, clients cannot")
+            raise ServeError("output_stream",
+                             f"stream {stream!r} is an output stream: the model writes it, clients cannot")
         if not isinstance(text, str):
             raise ServeError("bad_frame", f"'text' must be a string, got {type(text).__name__}")
         if len(text) > self.settings.max_append_chars:
-            raise ServeError("too_large", f"text of {len(text)} characters; at most {self.settings.max_append_chars} per append")
+            raise ServeError("too_large",
+                             f"text of {len(text)} characters; at most {self.settings.max_append_chars} per append")
         # split_special_tokens: a user typing "<|end|>" must not inject the control token itself
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if not force:  # a word-level vocabulary still maps a typed "<|end|>" to the control token: unknown instead
@@ -166,7 +170,8 @@ class SessionEngine:
         queued = sum(len(t) for s, t in session.inbox if s == stream)
         return {"session": session_id, "stream": stream, "tokens": len(ids), "queued": queued}
 
-    async def subscribe(self, session_id: str, streams: frozenset[str] | None = None, from_row: int = 0) -> AsyncIterator[list[dict]]:
+    async def subscribe(self, session_id: str, streams: frozenset[str] | None = None,
+                        from_row: int = 0) -> AsyncIterator[list[dict]]:
         """Events of a session as they happen, in batches (everything ready at once): the backlog
         from `from_row` first, then live rows, then the end event. Streams outside `streams` are
         left out of the rows."""
@@ -187,8 +192,9 @@ class SessionEngine:
                 while not sub.queue.empty():
                     batch.append(sub.queue.get_nowait())
                 if sub.missed_from is not None:
-                    batch.append({"type": "error", "code": "slow_consumer", "message":
-                                  f"fell {self.settings.subscriber_queue} rows behind; resubscribe with from_row={sub.missed_from}"})
+                    batch.append({"type": "error", "code": "slow_consumer",
+                                  "message": f"fell {self.settings.subscriber_queue} rows behind; "
+                                             f"resubscribe with from_row={sub.missed_from}"})
                 yield batch
                 if batch[-1]["type"] in ("end", "error"):
                     return
@@ -316,7 +322,8 @@ class SessionEngine:
         session = self.sessions.get(session_id) or (self.ended.get(session_id) if allow_ended else None)
         if session is None:
             if session_id in self.ended:
-                raise ServeError("session_ended", f"session {session_id!r} has ended ({self.ended[session_id].end['reason']})")
+                reason = self.ended[session_id].end["reason"]
+                raise ServeError("session_ended", f"session {session_id!r} has ended ({reason})")
             raise ServeError("unknown_session", f"no session {session_id!r} on this server")
         return session
 

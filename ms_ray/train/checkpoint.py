@@ -11,10 +11,8 @@ state dict with a NaN or an infinity is never exported (`NonFiniteWeights`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,8 @@ class NonFiniteWeights(TrainingDiverged):
     def __init__(self, record: dict):
         self.record = record
         RuntimeError.__init__(self, f"export refused: {record['what']}; the run diverged: export an earlier "
-                                    f"checkpoint (ms-ray export --checkpoint) or retrain with a lower optim.lr")
+                                    "checkpoint (ms-ray export CONFIG checkpoint=PATH) or retrain with a lower "
+                                    "optim.lr")
 
 
 def non_finite_tensors(state_dict: dict) -> list[str]:

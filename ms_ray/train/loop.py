@@ -1,10 +1,16 @@
 """The training loop every Ray Train worker runs: DeepSpeed ZeRO over a MultiStreamLM.
 
-Data: every rank reads the prepared packs through Ray Data (`get_dataset_shard`), sorts them by
-pack id and keeps every world-th one, so the packs of a rank and their order per epoch
-(a seeded permutation) are the same on every run: a resumed run replays exactly the batches
-an uninterrupted run would have seen. The loss of a micro-batch is normalised by the number
-of supervised cells over ALL ranks (an all-reduce before the forward), so data-parallel
+`train_worker` (Ray Train's entry point) builds a TrainRecipe, sets it up and runs it:
+  setup()       distributed init, tokenizer, model + DeepSpeed engine, this rank's packs, resume
+  run()         step() until optim.max_steps; log, evaluate() and checkpoint() on their
+                schedules; then finish() (the export)
+  step()        one optimizer step: grad_accum micro-batches and the divergence checks
+
+Data (packs.py): every rank reads the prepared packs through Ray Data (`get_dataset_shard`),
+sorts them by pack id and keeps every world-th one, so the packs of a rank and their order per
+epoch (a seeded permutation) are the same on every run: a resumed run replays exactly the
+batches an uninterrupted run would have seen. The loss of a micro-batch is normalised by the
+number of supervised cells over ALL ranks (an all-reduce before the forward), so data-parallel
 averaging gives the exact global mean.
 
 Divergence: the same all-reduce also carries the previous micro-batch's loss, and DeepSpeed's
@@ -12,102 +18,38 @@ global gradient norm is the same on every rank, so all ranks see a NaN / infinit
 gradient norm at the same point, with no extra synchronisation per micro-batch (one extra
 all-reduce before each log, evaluation or checkpoint step covers the last micro-batch). They
 stop there together: no checkpoint, no export; rank 0 writes {run_dir}/diverged.json and every
-worker returns normally, so Ray Train does not retry (run.fit raises it on the
-driver).
+worker returns normally, so Ray Train does not retry (run.fit raises it on the driver).
+
+Evaluation: validation loss per stream, and the held-out skill tasks decoded by the one
+evaluation (ms_ray/evaluation/harness.py): each rank decodes every world-th example, the
+records are gathered and every rank summarises all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import math
-import re
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
+from ray.train import Checkpoint
 
+from ..config import TrainConfig
+from ..core.families import build_model
+from ..core.loading import load_tokenizer
 from ..core.model import IGNORE
 from ..core.streams import next_row_labels
-from .checkpoint import NonFiniteWeights, export_model, full_state_dict, load_state, save_state
+from ..evaluation.harness import evaluate, held_out_examples, is_skills_model, summarize
+from ..evaluation.report import skill_metrics
+from ..manifest import load_manifest
 from ..tracking import Tracker, non_finite, write_divergence
-
-
-# ---- pieces the loop is made of ----------------------------------------------------------
-def lr_lambda(step: int, optim) -> float:
-    """Multiplier of the base learning rate: linear warmup, then cosine / constant / WSD."""
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    floor = optim.min_lr_ratio
-    if optim.schedule == "constant":
-        return 1.0
-    if optim.schedule == "wsd":  # warmup, stable, then a linear cooldown to the floor
-        cool_start = optim.max_steps - optim.cooldown_steps
-        if step < cool_start:
-            return 1.0
-        return 1.0 - (1.0 - floor) * (step - cool_start) / max(optim.cooldown_steps, 1)
-    progress = min(1.0, (step - optim.warmup_steps) / max(optim.max_steps - optim.warmup_steps, 1))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def deepspeed_config(cfg, micro_batch: int) -> dict:
-    ds, opt = cfg.deepspeed, cfg.optim
-    zero = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    if ds.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    params = {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8, "weight_decay": opt.weight_decay}
-    if not ds.offload_optimizer:
-        params["torch_adam"] = True  # inside params, or DeepSpeed JIT-builds FusedAdam (~70 s)
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "gradient_clipping": ds.clip or 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "optimizer": {"type": "AdamW", "params": params},
-        "steps_per_print": 10**9,
-    }
-
-
-def param_groups(model, optim) -> list[dict]:
-    """The stream embedding gets its own learning rate and no weight decay."""
-    stream = [model.stream_embed.weight]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("stream_embed")]
-    return [{"params": rest}, {"params": stream, "lr": optim.stream_embed_lr or optim.lr, "weight_decay": 0.0}]
-
-
-def rank_packs(dataset, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's packs: tokens [N, R, C] and doc_ids [N, R], the same on every run."""
-    ids, tokens, docs = [], [], []
-    for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
-        ids += list(batch["pack_id"])
-        tokens += list(batch["tokens"])
-        docs += list(batch["doc_ids"])
-    order = np.argsort(np.array(ids, dtype=object).astype(str), kind="stable")
-    usable = len(order) // world * world  # equal counts keep the ranks' steps in lockstep
-    mine = order[:usable][rank::world]
-    R = len(docs[0]) if docs else 0
-    return (np.stack([tokens[i] for i in mine]).reshape(len(mine), R, -1) if len(mine) else np.zeros((0, R, 1), np.int32),
-            np.stack([docs[i] for i in mine]) if len(mine) else np.zeros((0, R), np.int32))
-
-
-def batches(tokens, docs, batch_size: int, seed: int, epoch: int):
-    """The batches of one epoch, in a seeded order: yields (index, tokens, doc_ids)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(tokens))
-    for b in range(len(order) // batch_size):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        yield b, torch.from_numpy(tokens[idx]).long(), torch.from_numpy(docs[idx]).long()
+from .checkpoint import NonFiniteWeights, export_model, full_state_dict, load_state, save_state
+from .optim import deepspeed_config, lr_lambda, param_groups
+from .packs import batches, micro_batches, rank_packs
+from .quiet import NOISY_PRINTS, dropping_prints, quiet_worker
 
 
 def all_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
@@ -118,341 +60,365 @@ def all_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-# ---- a quiet console ---------------------------------------------------------------------
-# What Ray, Ray Data, DeepSpeed and torch print inside a worker that nobody can act on. Ray
-# Train's own `ray.train.*` INFO lines (worker group start, process group, "Checkpoint
-# successfully created") are the driver's to silence: RunConfig(logging_config=LoggingConfig(
-# log_level="WARNING")) keeps them in Ray Train's log files and off the console.
-NOISY_WARNINGS = (  # (message regex, category): deprecations inside libraries, not in our code
-    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),  # DeepSpeed ZeRO, torch 2.13
-)
-NOISY_PRINTS = re.compile(r"^DeepSpeed \S+ built successfully$")  # a print() per process in init_distributed
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-_RAY_DATA_PROGRESS_OFF = _DropMessages("Progress bars disabled")
-
-
-def quiet_worker() -> None:
-    """Called first in every worker: silences known noise, keeps real warnings and errors."""
-    for message, category in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-    # Ray Train logs every ray.train.report of every rank ("Reporting training result N:
-    # TrainingReport(...every metric...)", ~1,000 characters) at INFO on a logger named after
-    # its source file, outside the `ray.train` tree that LoggingConfig governs.
-    context = sys.modules.get("ray.train.v2._internal.execution.context")
-    if context is not None:
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    # Ray Data reads each rank's packs here: "Dataset ... execution finished" at INFO, and a
-    # warning that progress bars are off (on purpose: RAY_DATA_DISABLE_PROGRESS_BARS).
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    progress = logging.getLogger("ray.data._internal.progress")
-    if _RAY_DATA_PROGRESS_OFF not in progress.filters:
-        progress.addFilter(_RAY_DATA_PROGRESS_OFF)
-
-
-@contextlib.contextmanager
-def dropping_prints(pattern: re.Pattern):
-    """Run a block with its stdout captured; lines matching `pattern` are dropped, the rest
-    printed after it."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            yield
-    finally:
-        kept = [line for line in captured.getvalue().splitlines() if not pattern.match(line)]
-        if kept:
-            print("\n".join(kept), flush=True)
-
-
-# ---- the worker function -----------------------------------------------------------------
+# ---- the worker ----------------------------------------------------------------------------
 def train_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker: config holds the TrainConfig as JSON ("cfg"),
+    "run_dir", "data_dir" and "tty" (the driver's console is a terminal: a progress bar)."""
     quiet_worker()
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
+    context = ray.train.get_context()
+    recipe = TrainRecipe(config, context.get_world_rank(), context.get_world_size())
+    recipe.setup()
+    recipe.run()
 
-    from ..config import TrainConfig
-    from ..core.families import build_model
-    from ..manifest import load_manifest
-    from ..core.loading import load_tokenizer
 
-    cfg = TrainConfig.model_validate_json(config["cfg"], context={"check_paths": False})
-    run_dir, data_dir = Path(config["run_dir"]), Path(config["data_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    with dropping_prints(NOISY_PRINTS):
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+class Diverged(Exception):
+    """A non-finite loss or gradient norm: raised on every rank at the same point."""
 
-    manifest = load_manifest(data_dir)
-    schema = cfg.schema_.build()
-    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["path"], schema)
+    def __init__(self, step: int, what: str, value):
+        super().__init__(f"{what} {value} at step {step}")
+        self.step, self.what, self.value = step, what, value
 
-    def make_model():
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        return build_model(cfg.model, schema, tokenizer)[0]
 
-    model = make_model()
-    if cfg.model.gradient_checkpointing:
-        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    schema = model.schema
-    micro = cfg.data.batch_size
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim), config=deepspeed_config(cfg, micro),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.optim)),
-        dist_init_required=False,
-    )
-    device = engine.device
+class LossWindow:
+    """The training loss since the last log line: sums [loss, loss per stream, supervised cells
+    per stream] of this rank, and the cells all ranks read."""
 
-    train_tokens, train_docs = rank_packs(ray.train.get_dataset_shard("train"), rank, world)
-    val_tokens, val_docs = rank_packs(ray.train.get_dataset_shard("validation"), rank, world)
-    if len(train_tokens) < micro:
-        raise RuntimeError(f"rank {rank} has {len(train_tokens)} training packs, fewer than data.batch_size={micro}")
+    def __init__(self, num_streams: int):
+        self.num_streams = num_streams
+        self.reset()
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "wandb_id": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_state(Path(folder), engine, rank)
-    last_checkpoint = state["step"] if checkpoint else None  # the latest good one, for the divergence message
-    tracker = Tracker(rank, run_dir, cfg, state["wandb_id"])
-    if rank == 0 and checkpoint:
-        print(f"resumed from step {state['step']} (W&B run {tracker.run_id})", flush=True)
+    def reset(self) -> None:
+        self.sums = torch.zeros(1 + 2 * self.num_streams, dtype=torch.float64)
+        self.cells = 0
+        self.started = time.perf_counter()
 
-    weights = torch.tensor(schema.loss_weights, device=device)
+    def add(self, sums: torch.Tensor, cells: int) -> None:
+        self.sums += sums
+        self.cells += cells
 
-    def micro_batches():
-        """Endless (epoch, batch index, tokens, doc_ids), resuming at the saved position."""
-        epoch, skip = state["epoch"], state["batch"]
-        while True:
-            for b, tok, doc in batches(train_tokens, train_docs, micro, cfg.seed, epoch):
-                if b >= skip:
-                    yield epoch, b, tok.to(device), doc.to(device)
-            epoch, skip = epoch + 1, 0
+    def metrics(self, schema, world: int) -> dict:
+        """Collective: the global loss per supervised cell, and per stream; starts a new window."""
+        C = schema.num_streams
+        sums = all_sum(self.sums)
+        stream_sum, stream_count = sums[1 : 1 + C], sums[1 + C :]
+        weights = torch.tensor(schema.loss_weights, dtype=torch.float64)
+        supervised = (stream_count * (weights > 0)).sum()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {
+            "train/loss": float(sums[0] / supervised.clamp(min=1)),
+            "train/tokens_per_s": self.cells / elapsed,
+            "train/tokens_per_s_per_worker": self.cells / world / elapsed,
+        }
+        metrics.update({f"train/loss_{name}": s / c for name, s, c in
+                        zip(schema.names, stream_sum.tolist(), stream_count.tolist()) if c})
+        self.reset()
+        return metrics
 
-    def report(metrics: dict) -> None:
-        """Checkpoint and report: Ray registers the checkpoint once every rank has reported."""
-        nonlocal last_checkpoint
+
+class TrainRecipe:
+    """One worker's training run. Every rank calls the same methods in the same order, so
+    their collectives match."""
+
+    def __init__(self, config: dict, rank: int, world: int):
+        self.cfg = TrainConfig.model_validate_json(config["cfg"], context={"check_paths": False})
+        self.run_dir, self.data_dir = Path(config["run_dir"]), Path(config["data_dir"])
+        self.tty = bool(config.get("tty", False))
+        self.rank, self.world = rank, world
+        self.max_steps = self.cfg.optim.max_steps
+        self.micro_batch = self.cfg.data.batch_size
+        self.bar = None  # rank 0's progress bar, on a terminal
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Distributed init, tokenizer, model and DeepSpeed engine, this rank's packs, resume."""
+        import deepspeed  # inside the worker: the driver never imports DeepSpeed
+
+        cfg = self.cfg
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+        with dropping_prints(NOISY_PRINTS):
+            deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        manifest = load_manifest(self.data_dir)
+        self.schema = cfg.schema_.build()  # bound to the tokenizer once the model is built
+        self.tokenizer = load_tokenizer(self.data_dir / manifest["tokenizer"]["path"], self.schema)
+        self.build_engine(deepspeed)
+        self.train_tokens, self.train_docs = rank_packs(ray.train.get_dataset_shard("train"), self.rank, self.world)
+        self.val_tokens, self.val_docs = rank_packs(ray.train.get_dataset_shard("validation"), self.rank, self.world)
+        if len(self.train_tokens) < self.micro_batch:
+            raise RuntimeError(f"rank {self.rank} has {len(self.train_tokens)} training packs, fewer than "
+                               f"data.batch_size={self.micro_batch}")
+        wandb_id = self.resume()
+        self.tracker = Tracker(self.rank, self.run_dir, cfg, wandb_id)
+        if self.rank == 0 and self.last_checkpoint is not None:
+            print(f"resumed from step {self.global_step} (W&B run {self.tracker.run_id})", flush=True)
+        self.loss_weights = torch.tensor(self.schema.loss_weights, device=self.device)
+        enabled = cfg.eval.examples_per_task > 0 and is_skills_model(self.schema)
+        self.held_out = held_out_examples(cfg.eval, self.tokenizer) if enabled else []
+        self.data = micro_batches(self.train_tokens, self.train_docs, self.micro_batch, self.cfg.seed, self.epoch,
+                                  self.batch, self.device)
+
+    def make_model(self):
+        """A fresh model, the same on every rank (also the frame of the export)."""
+        torch.manual_seed(self.cfg.seed)
+        return build_model(self.cfg.model, self.schema, self.tokenizer)[0]
+
+    def build_engine(self, deepspeed) -> None:
+        cfg = self.cfg
+        model = self.make_model()
+        if cfg.model.gradient_checkpointing:
+            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.schema = model.schema
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim),
+            config=deepspeed_config(cfg, self.micro_batch),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.optim)),
+            dist_init_required=False,
+        )
+        self.device = self.engine.device
+
+    def resume(self) -> str | None:
+        """Collective: restore the latest checkpoint if there is one (weights, optimizer,
+        scheduler, RNG, data position); returns its W&B run id."""
+        position = {"step": 0, "epoch": 0, "batch": 0, "wandb_id": None}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                position = load_state(Path(folder), self.engine, self.rank)
+        # the next micro-batch is batch `batch` of epoch `epoch` (see micro_batches)
+        self.global_step, self.epoch, self.batch = position["step"], position["epoch"], position["batch"]
+        self.start_step = self.global_step
+        self.last_checkpoint = self.global_step if checkpoint else None  # the latest good one, for a divergence
+        return position["wandb_id"]
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Train to optim.max_steps, then export; on a divergence every rank stops at once."""
+        self.window = LossWindow(self.schema.num_streams)
+        self.bar = self.progress_bar()
+        # this rank's loss of the last micro-batch not yet checked on all ranks, and its step
+        self.unchecked_loss, self.unchecked_step = 0.0, self.global_step
+        self.engine.train()
+        self.loop_started = time.perf_counter()
+        self.tracker.begin(self.global_step)
+        try:
+            while self.global_step < self.max_steps:
+                lr = self.step()
+                self.after_step(lr)
+        except Diverged as diverged:
+            return self.stop(diverged)
+        self.close_bar()
+        if self.start_step >= self.max_steps:
+            # re-run of a finished run: nothing to train; report the final evaluation once more
+            metrics = self.evaluate()
+            self.tracker.log(self.global_step, metrics)
+            self.checkpoint({"step": self.global_step, **metrics})
+        self.finish()
+
+    def step(self) -> float:
+        """One optimizer step of grad_accum micro-batches (each an engine.step: DeepSpeed
+        updates on the last); raises Diverged. Returns the learning rate of the step."""
+        lr = self.scheduler.get_last_lr()[0]  # this step's (the scheduler moves on inside its last engine.step)
+        for _ in range(self.cfg.deepspeed.grad_accum):
+            self.micro_step()
+        self.global_step += 1
+        grad_norm = self.engine.get_global_grad_norm()  # global: the same on every rank
+        if grad_norm is not None and non_finite(grad_norm):  # DeepSpeed skipped this update (overflow)
+            self.check_last_loss()  # every rank is here: name the loss when it is the cause
+            raise Diverged(self.global_step, "grad norm", grad_norm)
+        if self.bar is not None:
+            self.bar.update(1)
+        self.inject_fault()
+        return lr
+
+    def micro_step(self) -> None:
+        """Forward, backward and engine.step of the next micro-batch; raises Diverged when the
+        previous one's loss was not finite on some rank."""
+        epoch, b, tokens, docs = next(self.data)
+        labels = next_row_labels(tokens, docs, IGNORE)
+        # one all-reduce: this micro-batch's supervised cells, and the previous one's loss
+        supervised_here = ((labels != IGNORE) & (self.loss_weights > 0)).sum().item()
+        supervised, previous = all_sum([supervised_here, self.unchecked_loss]).tolist()
+        if non_finite(previous):
+            raise Diverged(self.unchecked_step, "loss", previous)
+        out = self.engine(tokens, docs, labels=labels, normaliser=supervised / self.world)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        sums = torch.cat([out.loss_sum.detach().double().view(1), out.stream_loss_sum.double(),
+                          out.stream_count.double()]).cpu()
+        self.window.add(sums, tokens.numel() * self.world)
+        self.unchecked_loss, self.unchecked_step = float(sums[0]), self.global_step + 1
+        self.epoch, self.batch = epoch, b + 1
+
+    def check_last_loss(self) -> None:
+        """Collective: raises Diverged when the last micro-batch's loss is not finite on any rank."""
+        (loss,) = all_sum([self.unchecked_loss]).tolist()
+        if non_finite(loss):
+            raise Diverged(self.unchecked_step, "loss", loss)
+        self.unchecked_loss, self.unchecked_step = 0.0, self.global_step
+
+    def inject_fault(self) -> None:
+        """run.fail_at_step (tests): the last rank raises once at that step."""
+        if self.cfg.run.fail_at_step == self.global_step and self.rank == self.world - 1:
+            marker = self.run_dir / ".fault_injected"
+            if not marker.exists():
+                marker.write_text(f"step {self.global_step}\n")
+                raise RuntimeError(f"injected fault at step {self.global_step} (run.fail_at_step)")
+
+    def after_step(self, lr: float) -> None:
+        """Log, evaluate and checkpoint on their schedules, and all three at the last step."""
+        cfg, step = self.cfg, self.global_step
+        log = step % cfg.run.log_every == 0 or step == self.max_steps
+        run_eval = step % cfg.eval.every == 0 or step == self.max_steps
+        save = step % cfg.checkpoint.every == 0 or step == self.max_steps
+        if log or run_eval or save:  # nothing is logged, evaluated or saved after a non-finite loss
+            self.check_last_loss()
+        metrics = {}
+        if log:
+            metrics.update(self.train_metrics(lr))
+            if self.bar is not None:
+                self.bar.set_description(f"train | loss {metrics['train/loss']:.4f}")
+        if run_eval:
+            metrics.update(self.evaluate())
+            metrics["time/train_loop_s"] = time.perf_counter() - self.loop_started  # this session, evals included
+        if metrics:
+            self.tracker.log(step, metrics)
+        if save:
+            self.checkpoint({"step": step, **metrics})
+
+    def train_metrics(self, lr: float) -> dict:
+        """Collective: the training loss since the last log, the learning rate of the step just
+        taken, the gradient norm and the rate."""
+        window = self.window.metrics(self.schema, self.world)
+        metrics = {"train/loss": window.pop("train/loss"), "train/lr": lr,
+                   "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        return {**metrics, **window}
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Collective: validation loss per stream, and the held-out skill tasks."""
+        self.engine.eval()
+        metrics = {**self.validation_loss(), **self.skills()}
+        self.engine.train()
+        return metrics
+
+    def validation_loss(self) -> dict:
+        C = self.schema.num_streams
+        sums = torch.zeros(2 * C, dtype=torch.float64)
+        n_batches = len(self.val_tokens) // self.micro_batch
+        if self.cfg.eval.max_val_batches:
+            n_batches = min(n_batches, self.cfg.eval.max_val_batches)
+        for b, tokens, docs in batches(self.val_tokens, self.val_docs, self.micro_batch, 0, 0):
+            if b >= n_batches:
+                break
+            out = self.engine(tokens.to(self.device), docs.to(self.device), loss=True)
+            sums += torch.cat([out.stream_loss_sum.double(), out.stream_count.double()]).cpu()
+        sums = all_sum(sums)
+        metrics = {f"val/loss_{n}": float(s / c) for n, s, c in zip(self.schema.names, sums[:C], sums[C:]) if c}
+        weights = torch.tensor(self.schema.loss_weights, dtype=torch.float64)
+        supervised = (sums[C:] * (weights > 0)).sum()
+        if supervised:
+            metrics["val/loss"] = float((sums[:C] * (weights > 0)).sum() / supervised)
+        return metrics
+
+    def skills(self) -> dict:
+        """Collective: each rank decodes every world-th held-out example (evaluation.harness);
+        every rank summarises the records of all ranks."""
+        if not self.held_out:
+            return {}
+        started = time.perf_counter()
+        model = self.whole_model()
+        e = self.cfg.eval
+        records = evaluate(model, self.tokenizer, self.held_out[self.rank :: self.world],
+                           batch_sessions=e.batch_sessions, slack_rows=e.slack_rows, tool=e.tool)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, records)
+        summary = summarize([record for part in gathered for record in part])
+        return {**skill_metrics(summary), "skills/eval_seconds": time.perf_counter() - started}
+
+    def whole_model(self):
+        """Collective under ZeRO-3: a model with whole weights that decodes without collectives.
+        ZeRO-3 partitions the parameters and its hooks gather them on every forward: ranks
+        decoding different numbers of rows would then run mismatched collectives. So all ranks
+        gather once into a plain copy."""
+        if self.cfg.deepspeed.zero_stage < 3:
+            return self.engine.module
+        import deepspeed
+
+        plain = self.make_model()
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+            for mine, whole in zip(plain.parameters(), params):
+                mine.copy_(whole.data)
+        return plain.to(self.device)
+
+    # ---- checkpoints, the end ------------------------------------------------------------
+    def checkpoint(self, metrics: dict) -> None:
+        """Collective: every rank saves its ZeRO shard and position, and reports them; Ray
+        registers the checkpoint once every rank has reported."""
         folder = Path(tempfile.mkdtemp(prefix="ms_ckpt_"))
-        save_state(folder, engine, rank, {**state, "wandb_id": tracker.run_id})
+        position = {"step": self.global_step, "epoch": self.epoch, "batch": self.batch,
+                    "wandb_id": self.tracker.run_id}
+        save_state(folder, self.engine, self.rank, position)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
-        last_checkpoint = state["step"]
+        self.last_checkpoint = self.global_step
 
-    def stop(at_step: int, what: str, value) -> None:
+    def finish(self) -> None:
+        """Collective: the export (rank 0); weights that are not finite are not exported and
+        end the run as diverged."""
+        if self.export():
+            self.tracker.finish()
+            return
+        self.record_divergence(self.global_step, "non-finite weights at export")
+        self.tracker.finish(exit_code=1)
+
+    def export(self) -> bool:
+        """Consolidated HF export (ZeRO-3: gathered from every rank) and a logits probe that the
+        tests compare the export against. False on rank 0 when the weights are not finite
+        (nothing is exported); a last guard, as the loop stops on a non-finite loss first."""
+        state_dict = full_state_dict(self.engine, self.cfg.deepspeed.zero_stage)
+        self.engine.eval()
+        with torch.no_grad():
+            tokens = torch.from_numpy(self.train_tokens[:1]).long()
+            docs = torch.from_numpy(self.train_docs[:1]).long()
+            logits = self.engine(tokens.to(self.device), docs.to(self.device)).logits
+        if self.rank == 0:
+            try:
+                export_model({k: v.float() for k, v in state_dict.items()}, self.make_model, self.tokenizer,
+                             self.run_dir / "export")
+            except NonFiniteWeights:
+                return False
+            torch.save({"tokens": tokens, "doc_ids": docs, "logits": logits.float().cpu()},
+                       self.run_dir / "export_probe.pt")
+        return True  # the driver prints where the export is
+
+    def stop(self, diverged: Diverged) -> None:
         """Every rank calls this at the same point: rank 0 records why; nobody saves or exports."""
-        if rank == 0:
-            write_divergence(run_dir, {"step": at_step, "what": what, "value": non_finite(value) or value,
-                                       "lr": cfg.optim.lr * lr_lambda(at_step - 1, cfg.optim),  # the lr of that step
-                                       "base_lr": cfg.optim.lr, "checkpoint": last_checkpoint})
-        if bar is not None:
-            bar.close()
-        tracker.finish(exit_code=1)
+        self.record_divergence(diverged.step, diverged.what, non_finite(diverged.value) or diverged.value)
+        self.close_bar()
+        self.tracker.finish(exit_code=1)
 
-    data = micro_batches()
-    step = start_step = state["step"]
-    max_steps = cfg.optim.max_steps
-    window = {"cells": 0, "start": time.perf_counter(), "sums": torch.zeros(1 + 2 * schema.num_streams, dtype=torch.float64)}
-    # a progress bar (rank 0) when the driver's console is a terminal: Ray's tqdm draws it there
-    bar = None
-    if rank == 0 and config.get("tty", False) and step < max_steps:
+    def record_divergence(self, step: int, what: str, value: float | str | None = None) -> None:
+        """Rank 0 writes {run_dir}/diverged.json (the driver raises it), with the lr of that step."""
+        if self.rank != 0:
+            return
+        record = {"step": step, "what": what} | ({"value": value} if value is not None else {})
+        lr = self.cfg.optim.lr * lr_lambda(max(step - 1, 0), self.cfg.optim)
+        write_divergence(self.run_dir, {**record, "lr": lr, "base_lr": self.cfg.optim.lr,
+                                        "checkpoint": self.last_checkpoint})
+
+    # ---- the progress bar ----------------------------------------------------------------
+    def progress_bar(self):
+        """Rank 0 draws a bar when the driver's console is a terminal (Ray's tqdm draws it there)."""
+        if self.rank != 0 or not self.tty or self.global_step >= self.max_steps:
+            return None
         try:
             from ray.experimental.tqdm_ray import tqdm  # experimental in Ray: plain step lines without it
         except ImportError:
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=max_steps - step, desc="train" if step == 0 else f"train from step {step}", unit="step")
-    pending = (0.0, step)  # this rank's loss sum of the last micro-batch not yet checked on all ranks, its step
-    engine.train()
-    loop_started = time.perf_counter()
-    tracker.begin(step)
-    while step < max_steps:
-        lr = scheduler.get_last_lr()[0]  # this step's (the scheduler moves on inside its last engine.step)
-        for _ in range(cfg.deepspeed.grad_accum):
-            epoch, b, tokens, docs = next(data)
-            labels = next_row_labels(tokens, docs, IGNORE)
-            # one all-reduce: this micro-batch's supervised cells, and the previous one's loss
-            supervised, previous = all_sum([((labels != IGNORE) & (weights > 0)).sum().item(), pending[0]]).tolist()
-            if non_finite(previous):
-                return stop(pending[1], "loss", previous)
-            out = engine(tokens, docs, labels=labels, normaliser=supervised / world)
-            engine.backward(out.loss)
-            engine.step()
-            sums = torch.cat([out.loss_sum.detach().double().view(1), out.stream_loss_sum.double(),
-                              out.stream_count.double()]).cpu()
-            window["sums"] += sums
-            pending = (float(sums[0]), step + 1)
-            window["cells"] += tokens.numel() * world
-            state.update(epoch=epoch, batch=b + 1)
-        step += 1
-        state["step"] = step
-        grad_norm = engine.get_global_grad_norm()  # global: the same on every rank
-        if grad_norm is not None and non_finite(grad_norm):  # DeepSpeed skipped this update (overflow)
-            (previous,) = all_sum([pending[0]]).tolist()  # every rank is here: name the loss when it is the cause
-            return stop(step, "loss", previous) if non_finite(previous) else stop(step, "grad norm", grad_norm)
-        if bar is not None:
-            bar.update(1)
-        if cfg.run.fail_at_step == step and rank == world - 1:
-            marker = run_dir / ".fault_injected"
-            if not marker.exists():
-                marker.write_text(f"step {step}\n")
-                raise RuntimeError(f"injected fault at step {step} (run.fail_at_step)")
+            return None
+        desc = "train" if self.global_step == 0 else f"train from step {self.global_step}"
+        return tqdm(total=self.max_steps - self.global_step, desc=desc, unit="step")
 
-        log = step % cfg.run.log_every == 0 or step == max_steps
-        run_eval = step % cfg.eval.every == 0 or step == max_steps
-        save = step % cfg.checkpoint.every == 0 or step == max_steps
-        if log or run_eval or save:  # nothing is logged, evaluated or saved after a non-finite loss
-            (previous,) = all_sum([pending[0]]).tolist()
-            if non_finite(previous):
-                return stop(pending[1], "loss", previous)
-            pending = (0.0, step)
-        metrics = {}
-        if log:
-            metrics.update(train_metrics(window, engine, lr, schema, world))
-            if bar is not None:
-                bar.set_description(f"train | loss {metrics['train/loss']:.4f}")
-        if run_eval:
-            metrics.update(evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank, world))
-            metrics["time/train_loop_s"] = time.perf_counter() - loop_started  # this session, evals included
-        if metrics:
-            tracker.log(step, metrics)
-        if save:
-            report({"step": step, **metrics})
-    if bar is not None:
-        bar.close()
-
-    if start_step >= max_steps:
-        # re-run of a finished run: nothing to train; report the final evaluation once more
-        metrics = evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank, world)
-        tracker.log(step, metrics)
-        report({"step": step, **metrics})
-    if not finish(engine, cfg, make_model, tokenizer, run_dir, train_tokens, train_docs, rank):
-        write_divergence(run_dir, {"step": step, "what": "non-finite weights at export", "base_lr": cfg.optim.lr,
-                                   "lr": cfg.optim.lr * lr_lambda(max(step - 1, 0), cfg.optim), "checkpoint": last_checkpoint})
-        tracker.finish(exit_code=1)
-        return
-    tracker.finish()
-
-
-def train_metrics(window: dict, engine, lr: float, schema, world: int) -> dict:
-    """Global train loss (per supervised cell) and per stream since the last log, and the
-    learning rate of the step just taken; resets the window."""
-    C = schema.num_streams
-    sums = all_sum(window["sums"])
-    stream_sum, stream_count = sums[1 : 1 + C], sums[1 + C :]
-    weights = torch.tensor(schema.loss_weights, dtype=torch.float64)
-    supervised = (stream_count * (weights > 0)).sum()
-    elapsed = time.perf_counter() - window["start"]
-    metrics = {
-        "train/loss": float(sums[0] / supervised.clamp(min=1)),
-        "train/lr": lr,
-        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-        "train/tokens_per_s": window["cells"] / max(elapsed, 1e-9),
-        "train/tokens_per_s_per_worker": window["cells"] / world / max(elapsed, 1e-9),
-    }
-    for name, s, c in zip(schema.names, stream_sum.tolist(), stream_count.tolist()):
-        if c:
-            metrics[f"train/loss_{name}"] = s / c
-    window.update(cells=0, start=time.perf_counter(), sums=torch.zeros_like(window["sums"]))
-    return metrics
-
-
-@torch.no_grad()
-def evaluate(engine, cfg, schema, tokenizer, make_model, val_tokens, val_docs, rank: int, world: int) -> dict:
-    """Validation loss per stream, and exact-match / time-to-first-token on held-out skill tasks."""
-    engine.eval()
-    C = schema.num_streams
-    sums = torch.zeros(2 * C, dtype=torch.float64)
-    n_batches = len(val_tokens) // cfg.data.batch_size
-    if cfg.eval.max_val_batches:
-        n_batches = min(n_batches, cfg.eval.max_val_batches)
-    for b, tok, doc in batches(val_tokens, val_docs, cfg.data.batch_size, 0, 0):
-        if b >= n_batches:
-            break
-        out = engine(tok.to(engine.device), doc.to(engine.device), loss=True)
-        sums += torch.cat([out.stream_loss_sum.double(), out.stream_count.double()]).cpu()
-    sums = all_sum(sums)
-    metrics = {f"val/loss_{n}": float(s / c) for n, s, c in zip(schema.names, sums[:C], sums[C:]) if c}
-    weights = torch.tensor(schema.loss_weights, dtype=torch.float64)
-    supervised = (sums[C:] * (weights > 0)).sum()
-    if supervised:
-        metrics["val/loss"] = float((sums[:C] * (weights > 0)).sum() / supervised)
-    metrics.update(skill_metrics(engine, cfg, schema, tokenizer, make_model, rank, world))
-    engine.train()
-    return metrics
-
-
-def whole_model(engine, cfg, make_model):
-    """A model with whole weights that decodes without collectives. ZeRO-3 partitions the
-    parameters and its hooks gather them on every forward: ranks decoding different numbers of
-    rows would then run mismatched collectives. So all ranks gather once into a plain copy."""
-    if cfg.deepspeed.zero_stage < 3:
-        return engine.module
-    import deepspeed
-
-    plain = make_model()
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
-        for mine, whole in zip(plain.parameters(), params):
-            mine.copy_(whole.data)
-    return plain.to(engine.device)
-
-
-def skill_metrics(engine, cfg, schema, tokenizer, make_model, rank: int, world: int) -> dict:
-    """Held-out skill tasks (a seed of their own), decoded with the row decoder; each rank
-    takes every world-th example and the counts are combined."""
-    from ..data.skills import SKILL_STREAMS, TASKS, generate_examples
-    from ..data.pipeline import encoder
-    from .evaluate import evaluate_skills
-
-    if cfg.eval.skills_per_task == 0 or schema.names != SKILL_STREAMS.names:
-        return {}
-    examples = generate_examples(cfg.eval.skills_per_task * len(TASKS), cfg.eval.seed, schema, encoder(tokenizer))
-    mine = examples[rank::world]
-    local = evaluate_skills(whole_model(engine, cfg, make_model), mine)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
-    return combine_skill_metrics(gathered)
-
-
-def combine_skill_metrics(parts: list[dict]) -> dict:
-    """Merge per-rank skill metrics (a rank may lack some tasks), weighting each task's means
-    by its example count on that rank."""
-    out = {}
-    keys = {k for p in parts for k in p if k.startswith("skills/") and k.count("/") == 2}
-    for key in sorted(keys):
-        task = key.split("/")[1]
-        if key.endswith("/n"):
-            out[key] = sum(p.get(key, 0) for p in parts)
-            continue
-        pairs = [(p[key], p[f"skills/{task}/n"]) for p in parts if key in p and not math.isnan(p[key])]
-        n = sum(w for _, w in pairs)
-        out[key] = sum(v * w for v, w in pairs) / n if n else float("nan")
-    return out
-
-
-def finish(engine, cfg, make_model, tokenizer, run_dir: Path, tokens, docs, rank: int) -> bool:
-    """Consolidated HF export (ZeRO-3: gathered from every rank) and a logits probe that the
-    tests compare the export against. False on rank 0 when the weights are not finite (nothing
-    is exported); a last guard, as the loop stops on a non-finite loss first."""
-    state_dict = full_state_dict(engine, cfg.deepspeed.zero_stage)
-    engine.eval()
-    with torch.no_grad():
-        probe_tokens, probe_docs = torch.from_numpy(tokens[:1]).long(), torch.from_numpy(docs[:1]).long()
-        logits = engine(probe_tokens.to(engine.device), probe_docs.to(engine.device)).logits
-    if rank == 0:
-        try:
-            export_model({k: v.float() for k, v in state_dict.items()}, make_model, tokenizer, run_dir / "export")
-        except NonFiniteWeights:
-            return False
-        torch.save({"tokens": probe_tokens, "doc_ids": probe_docs, "logits": logits.float().cpu()}, run_dir / "export_probe.pt")
-    return True  # the driver prints where the export is
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

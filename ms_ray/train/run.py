@@ -6,11 +6,29 @@ schema against the data's manifest), so a mistake costs seconds, not a cluster s
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import ConfigError, PrepareConfig, load_config
+from ..core.families import build_model
+from ..core.loading import load_tokenizer
+from ..data.pipeline import pack_dataset, prepare
+from ..evaluation.report import skill_table
+from ..manifest import MANIFEST, load_manifest
+from ..ray_env import init_ray
+from ..tracking import DIVERGED, read_divergence
+from .checkpoint import export_checkpoint
+from .loop import train_worker
+from .loopback import LoopbackTorchConfig
 
 
 def run_dir_of(cfg) -> Path:
@@ -21,24 +39,20 @@ def check_data(cfg) -> dict | None:
     """The data's manifest, checked against the config's schema and the batch the workers
     need; None when it is still to be prepared (data.prepare). Needs no Ray: mistakes surface
     before anything starts."""
-    from ..config import ConfigError
-    from ..manifest import MANIFEST, load_manifest
-
     if cfg.data.prepare and not (Path(cfg.data.path) / MANIFEST).exists():
         return None
     manifest = load_manifest(cfg.data.path, cfg.schema_.build(), f"train config {cfg.run.name}")
     packs, workers, batch = manifest["splits"]["train"]["packs"], cfg.scaling.num_workers, cfg.data.batch_size
     if packs < workers * batch:
         raise ConfigError(f"data.batch_size: {cfg.data.path} has {packs} training packs, fewer than "
-                          f"scaling.num_workers x data.batch_size = {workers} x {batch}: prepare more data or lower them")
+                          f"scaling.num_workers x data.batch_size = {workers} x {batch}: "
+                          "prepare more data or lower them")
     return manifest
 
 
 def check_resources(cfg) -> None:
     """A local run must fit this machine: workers beyond its CPUs (or GPUs) would start, fight
     for memory and fail after a minute."""
-    from ..config import ConfigError
-
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster: Ray Train waits for (or autoscales to) the resources
     want, have = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, os.cpu_count() or 1
@@ -47,18 +61,15 @@ def check_resources(cfg) -> None:
                           f"need {want} CPUs, this machine has {have}: lower scaling.num_workers, or join a cluster "
                           f"with --address")
     if cfg.scaling.use_gpu:
-        import torch
-
         if torch.cuda.device_count() < cfg.scaling.num_workers:
-            raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need as many GPUs, this machine has "
-                              f"{torch.cuda.device_count()}: set scaling.use_gpu=false or join a GPU cluster with --address")
+            raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need as many GPUs, this machine "
+                              f"has {torch.cuda.device_count()}: set scaling.use_gpu=false or join a GPU cluster "
+                              "with --address")
 
 
 def latest_checkpoint(cfg) -> tuple[Path, int] | None:
     """(folder, step) of the run's newest registered checkpoint (the one a re-run resumes
     from: Ray Train's own record, written once every rank has reported), or None."""
-    import json
-
     run_dir = run_dir_of(cfg)
     try:
         latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
@@ -68,9 +79,6 @@ def latest_checkpoint(cfg) -> tuple[Path, int] | None:
 
 
 def prepare_data(cfg) -> dict:
-    from ..config import PrepareConfig, load_config
-    from ..data.pipeline import prepare
-
     print(f"data: {cfg.data.path} has no manifest; preparing it with {cfg.data.prepare}", flush=True)
     prepare(load_config(PrepareConfig, cfg.data.prepare, [f"output={cfg.data.path}"]))
     return check_data(cfg)
@@ -84,8 +92,6 @@ def fit(trainer, run_dir: Path):
     It runs in a thread: Ray Train installs its own Ctrl-C handler when fit() is called from
     the main thread, and that handler ends the process with status 1 and no word. Off the main
     thread Ctrl-C stays a KeyboardInterrupt here, and the command says what was kept."""
-    from ..tracking import DIVERGED, read_divergence
-
     (run_dir / DIVERGED).unlink(missing_ok=True)
     outcome = {}
 
@@ -101,8 +107,6 @@ def fit(trainer, run_dir: Path):
         while thread.is_alive():
             thread.join(0.5)  # a bounded wait, so the main thread takes Ctrl-C at once
     except KeyboardInterrupt:
-        import ray
-
         ray.shutdown()  # the run's workers stop now (they go with the driver), so no checkpoint comes after
         raise
     diverged = read_divergence(run_dir)
@@ -115,8 +119,6 @@ def fit(trainer, run_dir: Path):
 
 def train(cfg) -> dict:
     """Run a TorchTrainer over `train_worker`; re-running the same config resumes the run."""
-    from ..ray_env import init_ray
-
     started = time.perf_counter()
     check_resources(cfg)
     manifest = check_data(cfg)
@@ -125,28 +127,34 @@ def train(cfg) -> dict:
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, workers_cpus + 1))
     manifest = manifest or prepare_data(cfg)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    run_dir = run_dir_of(cfg)
+    result = fit(trainer_of(cfg, datasets_of(cfg, manifest), run_dir), run_dir)
+    metrics = dict(result.metrics or {})
+    metrics["wall_s"] = time.perf_counter() - started
+    print_summary(cfg, metrics, run_dir)
+    return metrics
 
-    from .evaluate import format_skill_table
-    from .loop import train_worker
-    from .loopback import LoopbackTorchConfig
 
-    from ..data.pipeline import pack_dataset
-
+def datasets_of(cfg, manifest: dict) -> dict:
+    """The Ray Datasets of the packs: "train", and "validation" (empty when the data has none)."""
     data_dir = Path(cfg.data.path).resolve()
     datasets = {s: ds for s in ("train", "validation") if (ds := pack_dataset(data_dir, s, manifest)) is not None}
     if "train" not in datasets:
         raise FileNotFoundError(f"data.path: {data_dir} has no training shards")
     if "validation" not in datasets:
         datasets["validation"] = datasets["train"].limit(0)
-    run_dir = run_dir_of(cfg)
+    return datasets
+
+
+def trainer_of(cfg, datasets: dict, run_dir: Path) -> TorchTrainer:
     scaling = cfg.scaling
     remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
-    trainer = TorchTrainer(
+    loop_config = {"cfg": cfg.model_dump_json(by_alias=True), "run_dir": str(run_dir),
+                   "data_dir": str(Path(cfg.data.path).resolve()),
+                   "tty": sys.stdout.isatty() and sys.stderr.isatty()}  # rank 0 draws a progress bar
+    return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump_json(by_alias=True), "run_dir": str(run_dir), "data_dir": str(data_dir),
-                           "tty": sys.stdout.isatty() and sys.stderr.isatty()},  # rank 0 draws a progress bar
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         torch_config=(TorchConfig if remote else LoopbackTorchConfig)(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -158,38 +166,37 @@ def train(cfg) -> dict:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # each rank picks its packs (see loop.rank_packs)
+        dataset_config=DataConfig(datasets_to_split=[]),  # each rank picks its packs (see packs.rank_packs)
     )
-    result = fit(trainer, run_dir)
-    metrics = dict(result.metrics or {})
-    wall = time.perf_counter() - started
+
+
+def print_summary(cfg, metrics: dict, run_dir: Path) -> None:
+    """The lines after training: steps and times, the skill table, validation loss, the export."""
     loop_s = metrics.get("time/train_loop_s", float("nan"))
-    print(f"\n## {cfg.run.name}: {metrics.get('step', '?')} steps; training loop {loop_s:.0f} s, wall time {wall:.0f} s "
-          f"with start-up ({scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision})")
+    print(f"\n## {cfg.run.name}: {metrics.get('step', '?')} steps; training loop {loop_s:.0f} s, "
+          f"wall time {metrics['wall_s']:.0f} s with start-up ({cfg.scaling.num_workers} workers, "
+          f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision})")
     if any(k.startswith("skills/") for k in metrics):
-        print(format_skill_table(metrics))
+        print(skill_table(metrics))
     val = f"validation loss {metrics['val/loss']:.4f}; " if "val/loss" in metrics else ""
     print(f"{val}export: {run_dir / 'export'}")
-    metrics["wall_s"] = wall
-    return metrics
 
 
 def export(cfg, checkpoint: str | None, out: str | None) -> Path:
     """Consolidate the latest (or a given) checkpoint of a run into a MultiStreamLM folder."""
-    from ..core.families import build_model
-    from ..manifest import load_manifest
-    from ..core.loading import load_tokenizer
-    from .checkpoint import export_checkpoint
-
     run_dir = run_dir_of(cfg)
     if checkpoint is None:
         found = latest_checkpoint(cfg)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint under {run_dir}; train first or pass --checkpoint")
+            raise FileNotFoundError(f"no checkpoint under {run_dir}; train first or give checkpoint=PATH")
         checkpoint = str(found[0])
     manifest = load_manifest(cfg.data.path)
     schema = cfg.schema_.build()
     tokenizer = load_tokenizer(Path(cfg.data.path) / manifest["tokenizer"]["path"], schema)
-    path = export_checkpoint(checkpoint, out or run_dir / "export", lambda: build_model(cfg.model, schema, tokenizer)[0], tokenizer)
+
+    def make_model():
+        return build_model(cfg.model, schema, tokenizer)[0]
+
+    path = export_checkpoint(checkpoint, out or run_dir / "export", make_model, tokenizer)
     print(f"exported {checkpoint} -> {path}")
     return path

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_model
+
 from ms_ray.core.decode import CellSampling, RowDecoder, Sampling, StopRules, sample
 from ms_ray.core.families import FAMILIES
 from ms_ray.core.streams import TableError
@@ -139,7 +139,10 @@ def test_ended_stream_falls_silent(model, bound):
 def test_sampling_rules():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 50, generator=gen)
-    cells = lambda **kw: CellSampling.build([[Sampling(**kw)] * 3] * 2, "cpu")
+
+    def cells(**kw):
+        return CellSampling.build([[Sampling(**kw)] * 3] * 2, "cpu")
+
     greedy = logits.argmax(-1)
     assert torch.equal(sample(logits, cells(), 0), greedy)
     # top-k 1 and a tiny top-p are greedy even at a high temperature

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from conftest import make_model
 from transformers import AutoModelForCausalLM
 
-from conftest import make_model
+from ms_ray.core.decode import SlotCache
 from ms_ray.core.families import FAMILIES, tiny_base_model
 from ms_ray.core.model import MultiStreamLM, allowed, dense_mask, flex_mask, row_positions
 from ms_ray.core.streams import StreamSchema, StreamSpec, TableError
@@ -77,6 +78,32 @@ def test_causality_through_the_model(family, bound):
     for later in range(r + 1, 6):
         assert not torch.allclose(after[:, later], base[:, later])
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_in_chunks_against_a_cache_equal_the_full_forward(family, bound):
+    """forward_rows (the decoding path) on two sessions fed in chunks of different sizes, alone and
+    together at different lengths, gives the logits the whole-table forward gives those rows."""
+    model = make_model(bound, V, family)
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randint(3, V, (9, 3), generator=gen), torch.randint(3, V, (6, 3), generator=gen)
+    with torch.no_grad():
+        ref_a, ref_b = model(a[None]).logits[0], model(b[None]).logits[0]  # [R, C, V]
+        cache = SlotCache(slots=1, cells=2)  # small: it grows on the way
+        cache.select(0, 1)
+        got_a = [model.forward_rows(a[None, :4], [0], cache)[0]]  # session a alone in slot 0
+        cache.select(1, 1)
+        got_b = [model.forward_rows(b[None, :1], [0], cache)[0]]  # session b alone in slot 1
+        cache.select(0, 2)  # both together, at different lengths
+        both = model.forward_rows(torch.stack([a[4:6], b[1:3]]), [4, 1], cache)
+        got_a.append(both[0]), got_b.append(both[1])
+        last = model.forward_rows(torch.stack([a[6:9], b[3:6]]), [6, 3], cache, last_row_only=True)
+    assert both.shape == (2, 2, 3, V) and last.shape == (2, 1, 3, V)
+    torch.testing.assert_close(torch.cat(got_a), ref_a[:6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(got_b), ref_b[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[:, 0], torch.stack([ref_a[8], ref_b[5]]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TableError, match="forward_rows: expected rows"):
+        model.forward_rows(a[None, :1], [0, 1], cache)
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_packed_batch_equals_documents_alone(family, bound):

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from ms_ray.core.streams import (
-    SchemaError, StreamSchema, StreamSpec, TableError, check_table, format_table, next_row_labels,
+    SchemaError,
+    StreamSchema,
+    StreamSpec,
+    TableError,
+    check_table,
+    format_table,
+    next_row_labels,
 )
 
 

@@ -75,10 +75,12 @@ def test_tables_are_int32_with_silence(bound, encode):
 
 
 @pytest.mark.parametrize("fmt, line", [
-    ("openai", {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
+    ("openai", {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "What is 12 + 30?"},
                              {"role": "assistant", "content": "It is 42, my friend."}]}),
     ("alpaca", {"instruction": "Add the numbers.", "input": "12 and 30", "output": "42 in total."}),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Hi there!"}, {"from": "gpt", "value": "Hello, naïve café."}]}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Hi there!"},
+                                    {"from": "gpt", "value": "Hello, naïve café."}]}),
 ])
 @pytest.mark.parametrize("policy", ["after_input", "wait_k(3)"])
 def test_jsonl_to_tables_to_tokens_to_text_round_trip(tmp_path, fmt, line, policy):

@@ -117,7 +117,8 @@ BAD_LINES = {
                      "openai line: messages[1].content is null, not a string"),
     "list content": (user_then({"role": "assistant", "content": [{"type": "text", "text": "x"}]}),
                      "openai line: messages[1].content is a list, not a string"),
-    "role not a string": (user_then({"role": 3, "content": "x"}), "openai line: messages[1].role is a number, not a string"),
+    "role not a string": (user_then({"role": 3, "content": "x"}),
+                          "openai line: messages[1].role is a number, not a string"),
     "unmapped role": (user_then({"role": "narrator", "content": "x"}),
                       f"openai line: messages[1].role 'narrator' has no stream in the schema (streams: {NAMES}; "
                       "it is not in the role map)"),
@@ -131,7 +132,8 @@ BAD_LINES = {
     "alpaca input not a string": ({"instruction": "x", "input": 3, "output": "y"},
                                   "alpaca line: input is a number, not a string"),
     "alpaca too long": ({"instruction": "x" * 20, "input": "y" * 20, "output": "z"},
-                        "alpaca line: instruction + input has 42 characters, over max_chars=30 (dropped, not truncated)"),
+                        "alpaca line: instruction + input has 42 characters, over max_chars=30 "
+                        "(dropped, not truncated)"),
     "alpaca empty output": ({"instruction": "x", "output": ""}, "alpaca line: output is empty"),
     "sharegpt missing value": ({"conversations": [{"from": "human"}]},
                                "sharegpt line: conversations[0] has no 'value' field"),
@@ -194,7 +196,8 @@ def make_examples(bound, tok):
     a[0, 1], a[1, 1], a[2, 2], a[3, 2], a[0, 0] = ids["hello"], ids["there"], ids["yes"], ids["no"], ids["one"]
     b = np.full((2, 4), sil, dtype=np.int32)
     b[1, 3], b[1, 2] = ids["three"], bound.pad_id
-    return [Example("e1", "chat.jsonl", "c1", "wait_k(3)", a, {"answer": "yes", "timing": [1, 2], "nested": {"x": None}}),
+    meta = {"answer": "yes", "timing": [1, 2], "nested": {"x": None}}
+    return [Example("e1", "chat.jsonl", "c1", "wait_k(3)", a, meta),
             Example("e2", "task", "g2", "task", b),
             Example("e3", "task", "g3", "task", np.full((0, 4), sil, dtype=np.int32))]
 

@@ -4,10 +4,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from teacher_endpoint import serve_local_teacher
 
 from ms_ray.config import PrepareConfig, load_config
 from ms_ray.core.streams import SchemaError, StreamSchema, StreamSpec
 from ms_ray.data.pipeline import PrepareError, prepare
+from ms_ray.data.tokenizer import word_tokenizer
 from ms_ray.manifest import load_manifest
 
 SCHEMA = {"streams": [
@@ -15,7 +17,8 @@ SCHEMA = {"streams": [
     {"name": "output", "role": "output", "end_token": "<|end|>"},
     {"name": "tool", "role": "input"}, {"name": "tool_call", "role": "output"},
 ]}
-GOOD = [{"messages": [{"role": "user", "content": "what is 2"}, {"role": "assistant", "content": "2"}]}] * 30  # skills words
+GOOD = [{"messages": [{"role": "user", "content": "what is 2"},
+                      {"role": "assistant", "content": "2"}]}] * 30  # skills words
 
 
 def write_jsonl(path, objects, raw_lines=()):
@@ -61,7 +64,8 @@ def test_prepare_is_deterministic_and_keeps_splits_apart(ray_local, tmp_path, ch
     for name, src in first["sources"].items():
         assert not set(src["groups"]["train"]) & set(src["groups"]["validation"]), name
     assert first["counts"]["examples"] == 60 + 30 and first["counts"]["dropped"] == 4
-    ids = {split: {e for f in s["files"] for row in a[f] for e in row["example_ids"]} for split, s in first["splits"].items()}
+    ids = {split: {e for f in s["files"] for row in a[f] for e in row["example_ids"]}
+           for split, s in first["splits"].items()}
     assert not ids["train"] & ids["validation"] and len(ids["train"] | ids["validation"]) == 90
     for rows in a.values():
         for pack in rows:
@@ -95,17 +99,14 @@ def test_manifest_schema_is_checked_against_a_model(ray_local, tmp_path, chat_fi
 def test_teacher_policy_through_the_pipeline(ray_local, tmp_path):
     """A jsonl source converted by the teacher policy against our own loopback endpoint, from
     inside the Ray Data tasks."""
-    from ms_ray.data.teacher import serve_local_teacher
-
     chat = [{"messages": [{"role": "user", "content": "count one two three. then four five."},
                           {"role": "assistant", "content": "one two three four five"}]}] * 4
     path = write_jsonl(tmp_path / "teach.jsonl", chat)
     server, base_url = serve_local_teacher()
     try:
-        schema = {"streams": [{"name": "user", "role": "input"}, {"name": "output", "role": "output", "end_token": "<|end|>"}]}
+        schema = {"streams": [{"name": "user", "role": "input"},
+                              {"name": "output", "role": "output", "end_token": "<|end|>"}]}
         words = "count one two three four five then".split()
-        from ms_ray.data.tokenizer import word_tokenizer
-
         tok_dir = tmp_path / "tok"
         word_tokenizer(words + ["three.", "five."], StreamSchema.from_dict(schema)).save_pretrained(tok_dir)
         cfg = load_config(PrepareConfig, data={

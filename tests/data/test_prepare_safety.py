@@ -18,8 +18,8 @@ import pytest
 
 from ms_ray.config import PrepareConfig, load_config
 from ms_ray.data.pipeline import PrepareError, PrepareRefused, heartbeat, prepare
-from ms_ray.manifest import load_manifest
 from ms_ray.data.staging import check_output, exchange, recover, sibling, swap_in
+from ms_ray.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = {"streams": [{"name": "user", "role": "input"}, {"name": "output", "role": "output", "end_token": "<|end|>"}]}
@@ -80,7 +80,8 @@ def test_a_folder_that_is_not_a_data_set_is_refused_untouched(tmp_path):
     (out / "train" / "test_x.py").write_text("assert True\n")
     (out / "conftest.py").write_text("# mine\n")
     before = digest(tmp_path)
-    with pytest.raises(PrepareRefused, match=rf"output={out} is a folder that is not a data set .*'conftest.py', 'train'"):
+    refused = rf"output={out} is a folder that is not a data set .*'conftest.py', 'train'"
+    with pytest.raises(PrepareRefused, match=refused):
         prepare(config(out, SKILLS))
     assert digest(tmp_path) == before and leftovers(out) == []
 
@@ -108,7 +109,8 @@ def test_a_data_set_with_files_we_did_not_write_is_refused(tmp_path):
 def test_empty_input_files_are_refused_before_ray(tmp_path):
     for name, text in {"empty.jsonl": "", "blank.jsonl": "\n  \n\t\n", "bom.jsonl": "\ufeff\n"}.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(PrepareRefused, match=rf"source 'chat' \(file {tmp_path / name}\) is empty \(no JSON lines\)"):
+        refused = rf"source 'chat' \(file {tmp_path / name}\) is empty \(no JSON lines\)"
+        with pytest.raises(PrepareRefused, match=refused):
             prepare(config(tmp_path / "out", {"kind": "jsonl", "name": "chat", "path": str(tmp_path / name)}))
     assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
 
@@ -116,8 +118,8 @@ def test_empty_input_files_are_refused_before_ray(tmp_path):
 def test_text_the_tokenizer_does_not_cover_is_refused_up_front(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [chat("hello there how are you")] * 5)  # 5 of 6 words unknown
     with pytest.raises(PrepareRefused, match=r"source 'chat' \(file .*chat.jsonl\): 83.3% of its tokens \(first 5 "
-                                             r"conversations\) are unknown to tokenizer 'skills', over max_unknown_share="
-                                             r"1.0%; .*ms-ray tokenizer train"):
+                                             r"conversations\) are unknown to tokenizer 'skills', "
+                                             r"over max_unknown_share=1.0%; .*ms-ray tokenizer jobs/tokenizer.yaml"):
         prepare(config(tmp_path / "out", {"kind": "jsonl", "name": "chat", "path": path}))
     assert not (tmp_path / "out").exists()
 
@@ -131,8 +133,8 @@ def test_the_cli_refuses_with_exit_2_and_starts_no_ray(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"ms-ray prepare: output={out} is a folder that is not a data set of ms-ray prepare (no manifest.json; it holds "
-        f"'main.py'); prepare replaces the whole folder, so choose a new or empty output"]
+        f"ms-ray prepare: output={out} is a folder that is not a data set of ms-ray prepare (no manifest.json; "
+        f"it holds 'main.py'); prepare replaces the whole folder, so choose a new or empty output"]
     assert (out / "main.py").read_text() == "print('mine')\n" and not (tmp_path / "ray").exists()  # Ray never started
 
 
@@ -170,7 +172,8 @@ def test_recover_puts_back_a_backup_and_removes_dead_runs_staging(tmp_path):
     recover(out, messages.append)
     assert tag(out) == "old" and live.exists() and odd.exists()
     assert leftovers(out) == sorted([live.name, odd.name])
-    assert messages == [f"prepare: put back {out} from {sibling(out, 'backup', gone).name}, left by a run killed while swapping"]
+    backup = sibling(out, "backup", gone).name
+    assert messages == [f"prepare: put back {out} from {backup}, left by a run killed while swapping"]
     fake_set(sibling(out, "backup", gone), "older")
     recover(out)  # the output exists: a stale backup is only removed
     assert tag(out) == "old" and leftovers(out) == sorted([live.name, odd.name])
@@ -180,9 +183,11 @@ def test_an_incomplete_data_set_is_not_trusted(tmp_path):
     """A manifest whose shards are gone (what an interrupted prepare used to leave)."""
     fake_set(tmp_path / "data", "x")
     (tmp_path / "data" / "manifest.json").write_text(json.dumps(
-        {"format_version": 2, "splits": {"train": {"files": ["train/00-0000.parquet"]}}, "tokenizer": {"path": "tokenizer"}}))
+        {"format_version": 2, "splits": {"train": {"files": ["train/00-0000.parquet"]}},
+         "tokenizer": {"path": "tokenizer"}}))
     (tmp_path / "data" / "tokenizer").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"data is an incomplete data set \(1 missing, e.g. train/00-0000.parquet\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"data is an incomplete data set \(1 missing, e.g. train/00-0000.parquet\)"):
         load_manifest(tmp_path / "data")
 
 
@@ -207,7 +212,8 @@ def test_re_prepare_replaces_the_set_reports_progress_and_unknown_tokens(old_set
     out, before = old_set
     path = write_jsonl(tmp_path / "chat.jsonl", [KNOWN] * 39 + [chat("what is zebra")])
     events = []
-    manifest = prepare(config(out, SKILLS, {"kind": "jsonl", "name": "chat", "path": path}), events.append, events.append)
+    cfg = config(out, SKILLS, {"kind": "jsonl", "name": "chat", "path": path})
+    manifest = prepare(cfg, events.append, events.append)
     assert_complete(out)
     assert digest(out) != before and leftovers(out) == []
     # 40 chat examples of 5 tokens (3 user, answer, end): one unknown word in all
@@ -228,8 +234,8 @@ def test_a_source_that_gives_nothing_fails_and_keeps_the_old_set(old_set, tmp_pa
     out, before = old_set
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [\n[1, 2]\n')  # lines, but not one usable
-    with pytest.raises(PrepareError, match=rf"source 'bad' \(file {path}\) gave 0 examples \(2 inputs dropped, most for: "
-                                           rf".*\); nothing written, {out} left as it was"):
+    with pytest.raises(PrepareError, match=rf"source 'bad' \(file {path}\) gave 0 examples \(2 inputs dropped, "
+                                           rf"most for: .*\); nothing written, {out} left as it was"):
         prepare(config(out, SKILLS, {"kind": "jsonl", "name": "bad", "path": str(path)}, max_drop_share=1.0))
     assert digest(out) == before and leftovers(out) == []
     with pytest.raises(PrepareError, match="gave 0 examples"):  # a new output: the folders made for it go too
@@ -244,7 +250,8 @@ def test_unknown_tokens_found_after_reading_fail_and_keep_the_old_set(old_set, t
     # 200 x 5 known tokens, then 100 x 7 tokens (with the answer and its end) of which 5 unknown: 500 / 1700
     path = write_jsonl(tmp_path / "chat.jsonl", [KNOWN] * 200 + [chat("hello there how are you")] * 100)
     with pytest.raises(PrepareError, match=rf"source 'chat' \(file {path}\): 29.4% of its tokens are unknown to "
-                                           rf"tokenizer 'skills', over max_unknown_share=1.0%; .*; nothing written, {out} left as it was"):
+                                           rf"tokenizer 'skills', over max_unknown_share=1.0%; .*; "
+                                           rf"nothing written, {out} left as it was"):
         prepare(config(out, {"kind": "jsonl", "name": "chat", "path": path}))
     assert digest(out) == before and leftovers(out) == []
 

@@ -5,7 +5,13 @@ import pytest
 
 from ms_ray.core.streams import SchemaError
 from ms_ray.data.skills import (
-    DICTIONARY, SKILL_STREAMS, TASKS, generate, generate_examples, sequential_text, vocabulary,
+    DICTIONARY,
+    SKILL_STREAMS,
+    TASKS,
+    generate,
+    generate_examples,
+    sequential_text,
+    vocabulary,
 )
 from ms_ray.data.tables import Example, stream_tokens
 
@@ -225,7 +231,8 @@ def test_multi_token_words_are_timed_from_their_last_token(tok, sch):
                 expected += [(r + 2 + i, d) for i, d in enumerate(digits(total))]
             assert cells(e, sch, tok, "think") == expected
             eq = user[-1][0]
-            assert out == [(eq + 2 + i, d) for i, d in enumerate(digits(total))] + [(eq + 2 + len(digits(total)), "<|end|>")]
+            answer = [(eq + 2 + i, d) for i, d in enumerate(digits(total))]
+            assert out == answer + [(eq + 2 + len(answer), "<|end|>")]
         elif e.meta["task"] == "tool_call":
             words = "".join(w if w.isdigit() else f" {w} " for _, w in user).split()
             a, b = int(words[2]), int(words[4])

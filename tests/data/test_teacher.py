@@ -6,12 +6,11 @@ import time
 
 import httpx
 import pytest
+from teacher_endpoint import serve_local_teacher
 
 from ms_ray.core.streams import StreamSchema, StreamSpec
 from ms_ray.data.tables import Conversation, Dropped, Example, Turn, stream_tokens
-from ms_ray.data.teacher import (
-    TeacherClient, TeacherConfig, leaked_words, serve_local_teacher, split_chunks, teacher_convert,
-)
+from ms_ray.data.teacher import TeacherClient, TeacherConfig, leaked_words, split_chunks, teacher_convert
 from ms_ray.data.tokenizer import word_tokenizer
 
 USER = "Hello there. I have seven apples and three pears. How many fruits do I have?"
@@ -72,7 +71,8 @@ def test_teacher_sees_only_input_up_to_the_chunk(server, chunk_words, expected):
         system, user = body["messages"]
         assert system == srv.requests[0]["messages"][0] and system["role"] == "system"
         head, instruction = user["content"].rsplit("\n", 1)
-        assert instruction in {r["messages"][-1]["content"].rsplit("\n", 1)[1] for r in srv.requests[:1] + srv.requests[-1:]}
+        ends = srv.requests[:1] + srv.requests[-1:]
+        assert instruction in {r["messages"][-1]["content"].rsplit("\n", 1)[1] for r in ends}
         later = {w for w in "".join(expected[t:]).split() if w not in seen.split()}
         outside_ref = re.sub(r"<reference>.*?</reference>", "", head, flags=re.S)
         assert not [w for w in later if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", outside_ref)], t

@@ -30,8 +30,8 @@ def test_bpe_round_trip_digits_and_specials(schema):
 
 
 def test_any_hf_tokenizer_gets_the_schema_tokens(schema, tmp_path):
-    from ms_ray.core.streams import StreamSchema, StreamSpec
     from ms_ray.core.loading import load_tokenizer
+    from ms_ray.core.streams import StreamSchema, StreamSpec
 
     other = StreamSchema((StreamSpec("x", "output"),), silence_token="<|q|>", pad_token="<|p|>")
     word_tokenizer(["a", "b"], other).save_pretrained(tmp_path)

@@ -4,8 +4,8 @@ DeepSpeed ZeRO-2, 2 CPU workers) on a small budget, scored and reported."""
 from pathlib import Path
 
 import pytest
-
 from conftest import check_report_outputs
+
 from ms_ray.config import CompareConfig, ConfigError, PrepareConfig, load_config
 from ms_ray.data.pipeline import prepare
 from ms_ray.data.skills import TASKS
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compare_refuses_arms_with_different_budgets():
-    cfg = load_config(CompareConfig, ROOT / "jobs/compare-tiny.yaml", ["sequential.overrides=[model.hidden_size=64, optim.lr=0.001]"])
+    cfg = load_config(CompareConfig, ROOT / "jobs/compare-tiny.yaml",
+                      ["sequential.overrides=[model.hidden_size=64, optim.lr=0.001]"])
     with pytest.raises(ConfigError, match="same budget: model, optim differ"):
         arm_configs(cfg)
     cfg = load_config(CompareConfig, ROOT / "jobs/compare-tiny.yaml", ["sequential.overrides=[]"])
@@ -38,7 +39,7 @@ def test_compare_trains_both_arms_and_reports(ray_local, tmp_path):
         "sequential.overrides=[\"schema.streams=[{name: text, role: output, end_token: '<|end|>'}]\", "
         f"data.path={data['sequential']}, data.prepare=null]",
         "overrides=[optim.max_steps=6, optim.warmup_steps=2, checkpoint.every=6, eval.every=1000, "
-        "eval.skills_per_task=1, run.log_every=3, data.batch_size=2, wandb.mode=offline]",
+        "eval.examples_per_task=1, run.log_every=3, data.batch_size=2, wandb.mode=offline]",
     ])
     summaries = compare(cfg)
     assert set(summaries) == {"streams", "sequential"}

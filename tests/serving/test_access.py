@@ -212,7 +212,8 @@ def test_shipped_serve_files_load():
         assert set(cfg.roles) == set(DEFAULT_ROLES)
         for name, role in cfg.roles.items():  # the shipped roles grant what the defaults grant
             default = DEFAULT_ROLES[name]
-            assert (role.open, role.write, role.read, role.hidden) == (default.open, default.write, default.read, default.hidden)
+            fields = ("open", "write", "read", "hidden")
+            assert [getattr(role, f) for f in fields] == [getattr(default, f) for f in fields]
             assert all(k.startswith("env:") for k in role.keys)  # no literal secrets in the files
         AccessPolicy(cfg.roles, STREAM_ROLES, cfg.ingress.anonymous_role)  # builds with unset env keys
 

@@ -19,6 +19,7 @@ from ms_ray.config import ServeConfig
 from ms_ray.core.families import tiny_base_model
 from ms_ray.core.model import MultiStreamLM
 from ms_ray.serving.client import connect_session, wait_ready
+from ms_ray.serving.session_ids import replica_of
 
 KEYS = {"user": "user-key", "tool": "tool-key", "operator": "operator-key", "monitor": "monitor-key"}
 ROLES = {
@@ -38,7 +39,8 @@ def free_port() -> int:
 
 def app_config(checkpoint, port, name, **sections) -> ServeConfig:
     data = {
-        "checkpoint": str(checkpoint), "name": name, "log_level": "WARNING", "route_prefix": f"/{name}", "port": port, "roles": ROLES,
+        "checkpoint": str(checkpoint), "name": name, "log_level": "WARNING", "route_prefix": f"/{name}", "port": port,
+        "roles": ROLES,
         "ingress": {"anonymous_role": None, "call_timeout_s": 10, "max_frame_bytes": 4096},
         "session": {
             "row_interval_s": 0.01, "idle_timeout_s": 30,
@@ -95,7 +97,8 @@ async def read_until(session, predicate, timeout=30):
     while not predicate(rows):
         assert time.monotonic() < deadline, f"timed out; last rows {rows[-3:]}, errors {errors}"
         frame = await session.recv(timeout)
-        assert frame is not None, f"connection closed early ({session.close_code} {session.close_reason}); errors {errors}"
+        assert frame is not None, \
+            f"connection closed early ({session.close_code} {session.close_reason}); errors {errors}"
         (rows if frame["type"] == "row" else errors).append(frame)
     return rows, errors
 
@@ -320,7 +323,8 @@ def test_http_session_with_server_sent_events(served):
             assert ok.status_code == 200 and ok.json()["tokens"] == 1
         bad = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"stream": "think", "text": "x"})
         assert bad.status_code == 403 and bad.json()["code"] == "output_stream"
-        assert http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, content=b"{oops").json()["code"] == "bad_json"
+        oops = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, content=b"{oops")
+        assert oops.json()["code"] == "bad_json"
         other = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"type": "close"})  # was a 500
         assert other.status_code == 400 and other.json()["code"] == "bad_frame"
         missing = http.post(f"{base}/v1/sessions/zzzzzzzz/append", headers=auth, json={"stream": "user", "text": "1"})
@@ -425,7 +429,8 @@ def test_autoscaling_on_live_sessions_keeps_each_session_on_its_replica(served):
                     s = await stack.enter_async_context(connect_session(ws_url(served, "auto"), KEYS["user"]))
                     sessions.append(s)
                     frames.append([])
-                    readers.append(asyncio.create_task(collect(s, frames[-1])))  # keep reading: no backlog, pings answered
+                    # keep reading: no backlog, pings answered
+                    readers.append(asyncio.create_task(collect(s, frames[-1])))
 
             await open_more(4)
             await wait_for(lambda: replicas() == 2, 90)  # 4 live sessions, 2 per replica: scale up
@@ -439,7 +444,7 @@ def test_autoscaling_on_live_sessions_keeps_each_session_on_its_replica(served):
             await asyncio.gather(*readers)
         assert all(f["type"] != "error" for got in frames for f in got)
         await wait_for(lambda: replicas() == 1, 90)  # idle: drain and scale down
-        return {s.id.split(".")[0] for s in sessions}
+        return {replica_of(s.id) for s in sessions}
 
     owners = run(scenario(), timeout=240)
     serve.delete("auto")

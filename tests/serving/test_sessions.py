@@ -9,11 +9,12 @@ import contextlib
 import random
 
 import pytest
-
 from conftest import make_model
+
 from ms_ray.core.decode import Sampling
 from ms_ray.data.skills import SKILL_STREAMS
 from ms_ray.data.tokenizer import train_bpe
+from ms_ray.serving.session_ids import replica_of
 from ms_ray.serving.sessions import EngineSettings, IncrementalText, ServeError, SessionEngine
 from ms_ray.tools import run_call
 
@@ -101,12 +102,12 @@ def bpe_model(bpe):
 
 
 # ---- opening, rows and input channels ------------------------------------------------------
-def test_open_returns_prefixed_id_and_streams(skill_model, tok, sch):
+def test_open_returns_an_id_naming_the_replica_and_the_streams(skill_model, tok, sch):
     async def main():
-        engine = SessionEngine(skill_model, tok, EngineSettings(**FAST), id_prefix="replica7-")
+        engine = SessionEngine(skill_model, tok, EngineSettings(**FAST), replica="replica7")
         a, b = await engine.open(max_rows=3), await engine.open(max_rows=3)
         for info in (a, b):
-            assert info["id"].startswith("replica7-") and len(info["id"]) > len("replica7-")
+            assert replica_of(info["id"]) == "replica7" and info["id"].startswith("replica7.")
             assert info["streams"] == [{"name": s.name, "role": s.role} for s in sch.streams]
         assert a["id"] != b["id"]
         assert engine.stats()["sessions"] == 2
@@ -121,7 +122,8 @@ def test_rows_are_consecutive_and_words_arrive_once_in_order(skill_model, tok):
         engine = engine_for(skill_model, tok)
         sid = (await engine.open(max_rows=20))["id"]
         # before the first row: one word per row from row 0
-        assert engine.append(sid, "user", "cat dog bird") == {"session": sid, "stream": "user", "tokens": 3, "queued": 3}
+        assert engine.append(sid, "user", "cat dog bird") == {"session": sid, "stream": "user", "tokens": 3,
+                                                              "queued": 3}
         assert engine.append(sid, "user", "fish red")["queued"] == 5
         assert engine.append(sid, "user", "")["tokens"] == 0
         later = ["blue", "green", "sun"]
@@ -220,10 +222,12 @@ def test_restricted_subscriber_sees_only_its_streams(skill_model, tok):
         engine.append(sid, "user", "cat dog")
         engine.append(sid, "tool", "42")
         allowed = frozenset({"user", "output"})
-        full, some, none = await asyncio.gather(read(engine, sid), read(engine, sid, allowed), read(engine, sid, frozenset()))
+        full, some, none = await asyncio.gather(read(engine, sid), read(engine, sid, allowed),
+                                                read(engine, sid, frozenset()))
         assert {k for e in rows_of(full) for k in e["cells"]} == set(engine.schema.names)  # all streams talk
         assert all(e["cells"].keys() <= allowed for e in rows_of(some))
-        assert [{k: v for k, v in e["cells"].items() if k in allowed} for e in rows_of(full)] == [e["cells"] for e in rows_of(some)]
+        filtered = [{k: v for k, v in e["cells"].items() if k in allowed} for e in rows_of(full)]
+        assert filtered == [e["cells"] for e in rows_of(some)]
         assert all(e["cells"] == {} for e in rows_of(none))
         assert len(check_rows(some)) == len(check_rows(none)) == 10
         ended(some, "max_rows")

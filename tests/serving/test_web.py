@@ -39,7 +39,7 @@ RANDOM_MODEL = ["session.sampling.output.silence_penalty=10000", "session.sampli
 
 # ---- helpers (the tests and the screenshot script) ------------------------------------------
 def start_serve(checkpoint, overrides: list[str], log: Path):
-    """`ms-ray serve CHECKPOINT` (serve/local.yaml) on a free port of 127.0.0.1, in its own
+    """`ms-ray serve checkpoint=PATH` (serve/local.yaml) on a free port of 127.0.0.1, in its own
     process group; returns (process, base URL) once it is ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +47,7 @@ def start_serve(checkpoint, overrides: list[str], log: Path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MS_RAY_MONITOR_KEY=MONITOR_KEY, MS_RAY_OPERATOR_KEY="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms_ray.cli", "serve", str(checkpoint), f"port={port}", "log_level=WARNING",
+        [sys.executable, "-m", "ms_ray.cli", "serve", f"checkpoint={checkpoint}", f"port={port}", "log_level=WARNING",
          "model.num_cpus=0", *overrides],
         cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -102,7 +102,8 @@ return {
   errors: [...document.querySelectorAll('#errors li')].map(text),
   columns: [...document.querySelectorAll('#grid thead th')].map(text),
   rows: [...document.querySelectorAll('#grid tbody tr')].map(tr => [...tr.cells].map(text)),
-  texts: Object.fromEntries([...document.querySelectorAll('#texts .card')].map(c => [c.dataset.stream, text(c.querySelector('pre'))])),
+  texts: Object.fromEntries([...document.querySelectorAll('#texts .card')]
+    .map(c => [c.dataset.stream, text(c.querySelector('pre'))])),
   share: text(document.getElementById('share-link')),
   composer: !document.getElementById('composer').hidden,
   readonly: !document.getElementById('readonly').hidden,
@@ -125,7 +126,8 @@ def wait_page(driver, what: str, condition, timeout: float = 60) -> dict:
             return state
         if time.monotonic() > deadline:
             brief = {**state, "rows": state["rows"][-5:]}
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}; the page: {json.dumps(brief)}", pytrace=False)
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}; the page: {json.dumps(brief)}",
+                        pytrace=False)
         time.sleep(0.1)
 
 
@@ -235,7 +237,8 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
     sid = opened.json()["id"]
 
     def alive():  # the session still takes input
-        return httpx.post(f"{served}/v1/sessions/{sid}/append", json={"stream": "user", "text": " 7"}, timeout=30).status_code == 200
+        more = httpx.post(f"{served}/v1/sessions/{sid}/append", json={"stream": "user", "text": " 7"}, timeout=30)
+        return more.status_code == 200
 
     def leave(reason):  # Disconnect in a tab that attached: the session goes on
         browser.find_element(By.ID, "disconnect").click()
@@ -244,7 +247,8 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
         assert alive(), f"the {reason} ended the session"
 
     try:
-        appended = httpx.post(f"{served}/v1/sessions/{sid}/append", json={"stream": "user", "text": "what is 6 times 7"}, timeout=30)
+        question = {"stream": "user", "text": "what is 6 times 7"}
+        appended = httpx.post(f"{served}/v1/sessions/{sid}/append", json=question, timeout=30)
         assert appended.status_code == 200, appended.text
         browser.get(f"{served}/?session={sid}&key={MONITOR_KEY}")  # the share link plus a key: attaches at once
         state = wait_page(browser, "the monitor to attach", lambda s: s["state"] == "open")

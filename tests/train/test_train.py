@@ -8,7 +8,6 @@ import torch
 from ms_ray.cli import main
 from ms_ray.config import PrepareConfig, TrainConfig, load_config
 from ms_ray.core.model import MultiStreamLM
-from ms_ray.data.pipeline import prepare
 from ms_ray.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -17,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def data_dir(ray_local, tmp_path_factory):
+    # imported after ray_local has set Ray's environment, as the CLI does: the pipeline imports
+    # Ray Data, which reads RAY_DATA_DISABLE_PROGRESS_BARS once, at import
+    from ms_ray.data.pipeline import prepare
+
     out = tmp_path_factory.mktemp("data") / "skills"
     prepare(load_config(PrepareConfig, ROOT / "jobs/data-skills.yaml",
                         [f"output={out}", "sources=[{kind: skills, examples: 600, shards: 1}]"]))
@@ -27,7 +30,7 @@ def job(data_dir, storage, name, *overrides):
     return load_config(TrainConfig, ROOT / "jobs/tiny.yaml", [
         f"data.path={data_dir}", "data.prepare=null", "data.batch_size=2", f"run.storage={storage}", f"run.name={name}",
         "optim.max_steps=20", "optim.warmup_steps=5", "run.log_every=1", "checkpoint.every=5", "eval.every=1000",
-        "eval.skills_per_task=4", "wandb.mode=offline", *overrides,
+        "eval.examples_per_task=4", "wandb.mode=offline", *overrides,
     ])
 
 
@@ -58,7 +61,9 @@ def test_zero2_trains_evaluates_and_exports(zero2_run):
     first, last = losses(run_dir, [1, 20])
     assert last < first * 0.7  # the loss falls
     assert metrics["step"] == 20 and "val/loss" in metrics and "skills/all/accuracy" in metrics
-    assert metrics["skills/all/n"] == 16 and {f"skills/{t}/n" for t in ("wait_k", "running_sum", "count_stop", "tool_call")} <= set(metrics)
+    tasks = ("wait_k", "running_sum", "count_stop", "tool_call")
+    assert metrics["skills/all/n"] == 16 and {f"skills/{t}/n" for t in tasks} <= set(metrics)
+    assert metrics["skills/eval_seconds"] > 0
     assert {"train/loss_output", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(read_metrics(run_dir)[20])
     probe_matches_export(run_dir)
 
@@ -82,7 +87,7 @@ def test_zero3_trains_and_exports(data_dir, tmp_path):
     # `ms-ray export` consolidates the saved ZeRO-3 checkpoint offline: same weights
     out = tmp_path / "offline_export"
     assert main(["export", "jobs/tiny.yaml", f"data.path={data_dir}", f"run.storage={tmp_path}", "run.name=z3",
-                 "--out", str(out)]) == 0
+                 f"out={out}"]) == 0
     a, b = MultiStreamLM.from_pretrained(out), MultiStreamLM.from_pretrained(tmp_path / "z3" / "export")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, msg=name)
@@ -122,7 +127,8 @@ def test_stopped_run_continues_with_the_same_command(data_dir, zero2_run, tmp_pa
     ("data.path=/no/such/data", "data.path: /no/such/data has no manifest.json"),
 ])
 def test_bad_configs_fail_before_any_worker(data_dir, tmp_path, capsys, override, message):
-    args = ["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", f"run.storage={tmp_path}", override]
+    args = ["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", f"run.storage={tmp_path}",
+            override]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing started
@@ -130,7 +136,8 @@ def test_bad_configs_fail_before_any_worker(data_dir, tmp_path, capsys, override
 
 def test_schema_that_does_not_match_the_data_fails_before_any_worker(data_dir, tmp_path, capsys):
     schema = "schema={streams: [{name: user, role: input}, {name: output, role: output}]}"
-    assert main(["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", f"run.storage={tmp_path}", schema]) == 2
+    args = ["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", f"run.storage={tmp_path}", schema]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "stream schemas differ between train config tiny and data set" in err and "['user', 'output']" in err
     assert not list(tmp_path.iterdir())
@@ -145,7 +152,7 @@ def test_divergence_stops_at_once_keeps_the_last_checkpoint_and_exports_nothing(
 
     args = ["train", "jobs/tiny.yaml", f"data.path={data_dir}", "data.prepare=null", "data.batch_size=2",
             f"run.storage={tmp_path}", "run.name=nan", "optim.max_steps=20", "optim.warmup_steps=5", "run.log_every=1",
-            "checkpoint.every=1", "eval.every=1000", "eval.skills_per_task=4", "wandb.mode=offline",
+            "checkpoint.every=1", "eval.every=1000", "eval.examples_per_task=4", "wandb.mode=offline",
             "optim.lr=1.0", "optim.weight_decay=1e9", "run.max_failures=2"]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
