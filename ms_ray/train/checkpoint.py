@@ -30,7 +30,7 @@ class NonFiniteWeights(TrainingDiverged):
     def __init__(self, record: dict):
         self.record = record
         RuntimeError.__init__(self, f"export refused: {record['what']}; the run diverged: export an earlier "
-                                    "checkpoint (ms-ray export CONFIG checkpoint=PATH) or retrain with a lower "
+                                    "checkpoint (`ms-ray export` with checkpoint=PATH) or retrain with a lower "
                                     "optim.lr")
 
 
