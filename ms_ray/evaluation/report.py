@@ -36,10 +36,12 @@ PREFIX = "skills"  # flat keys of one model: skills/<task>/<metric>
 
 
 def number(value, fmt: str, scale: float = 1) -> str:
-    """A table cell: `value * scale` formatted, "–" for a missing or NaN value."""
+    """A table cell: `value * scale` formatted, "–" for a missing or NaN value; a value that
+    rounds to zero prints as zero ("+0.0", never "-0.0")."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return format(value * scale, fmt)
+    text = format(value * scale, fmt)
+    return format(0.0, fmt) if float(text) == 0 else text
 
 
 def format_tables(summaries: dict[str, dict]) -> str:
