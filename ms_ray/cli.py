@@ -94,13 +94,6 @@ def tokenizer_train(cfg: TokenizerTrainConfig):
     return tokenizer
 
 
-def export(cfg: ExportConfig):
-    """Consolidate a run's checkpoint (checkpoint=PATH, default: its latest) into out=DIR."""
-    from .train.run import export as run_export
-
-    return run_export(cfg, cfg.checkpoint, cfg.out)
-
-
 class Command(NamedTuple):
     """One row of the table. `function` is "module:function" (or a function of this file), imported
     only when the command runs, after ray_env.set_environment: Ray reads part of its environment
@@ -124,8 +117,8 @@ COMMANDS = {
     "train": Command("ms_ray.train.run:train", TrainConfig, "jobs/tiny.yaml",
                      "train with Ray Train + DeepSpeed ZeRO (+ W&B); re-run to resume",
                      "optim.max_steps=500 address=auto"),
-    "export": Command(export, ExportConfig, "jobs/tiny.yaml", "consolidate a run's checkpoint into a HF folder",
-                      "checkpoint=PATH out=DIR"),
+    "export": Command("ms_ray.train.run:export", ExportConfig, "jobs/tiny.yaml",
+                      "consolidate a run's checkpoint into a HF folder", "checkpoint=PATH out=DIR"),
     "serve": Command("ms_ray.serving.app:serve_local", ServeConfig, "serve/local.yaml",
                      "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)",
                      "checkpoint=runs/train/tiny/export port=8001"),

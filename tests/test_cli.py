@@ -76,12 +76,12 @@ def test_checkpoint_and_out_are_fields(ran, tmp_path):
     assert ran["cfg"].run.name == "tiny" and ran["cfg"].address is None
 
 
-def test_export_hands_checkpoint_and_out_to_the_training_export(monkeypatch, tmp_path):
+def test_export_reads_checkpoint_and_out_from_its_config(monkeypatch, tmp_path):
     import ms_ray.train.run
 
     calls = []
     monkeypatch.setattr(cli, "set_environment", lambda address=None: None)
-    monkeypatch.setattr(ms_ray.train.run, "export", lambda cfg, checkpoint, out: calls.append((checkpoint, out)))
+    monkeypatch.setattr(ms_ray.train.run, "export", lambda cfg: calls.append((cfg.checkpoint, cfg.out)))
     assert main(["export", f"checkpoint={tmp_path}", f"out={tmp_path / 'o'}"]) == 0
     assert main(["export", "jobs/tiny.yaml"]) == 0
     assert calls == [(str(tmp_path), str(tmp_path / "o")), (None, None)]

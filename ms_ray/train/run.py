@@ -182,9 +182,10 @@ def print_summary(cfg, metrics: dict, run_dir: Path) -> None:
     print(f"{val}export: {run_dir / 'export'}")
 
 
-def export(cfg, checkpoint: str | None, out: str | None) -> Path:
-    """Consolidate the latest (or a given) checkpoint of a run into a MultiStreamLM folder."""
-    run_dir = run_dir_of(cfg)
+def export(cfg) -> Path:
+    """`ms-ray export` (an ExportConfig): consolidate the run's latest checkpoint, or
+    cfg.checkpoint, into a MultiStreamLM folder (cfg.out, default {run}/export)."""
+    run_dir, checkpoint = run_dir_of(cfg), cfg.checkpoint
     if checkpoint is None:
         found = latest_checkpoint(cfg)
         if found is None:
@@ -197,6 +198,6 @@ def export(cfg, checkpoint: str | None, out: str | None) -> Path:
     def make_model():
         return build_model(cfg.model, schema, tokenizer)[0]
 
-    path = export_checkpoint(checkpoint, out or run_dir / "export", make_model, tokenizer)
+    path = export_checkpoint(checkpoint, cfg.out or run_dir / "export", make_model, tokenizer)
     print(f"exported {checkpoint} -> {path}")
     return path
