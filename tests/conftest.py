@@ -13,6 +13,14 @@ from ms_ray.ray_env import set_environment  # noqa: E402  (stdlib only: imports 
 
 set_environment()
 
+# The Ctrl-C tests send SIGINT to the commands they start. A process started with SIGINT ignored
+# (a background job of a non-interactive shell, nohup) hands that on to every child, and Python
+# then never raises KeyboardInterrupt in them: give this run a normal Ctrl-C, so its children do.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest  # noqa: E402
 import torch
 
