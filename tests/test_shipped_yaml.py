@@ -5,42 +5,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ms_ray.config import (
-    CompareConfig,
-    DemoConfig,
-    EvalJobConfig,
-    PrepareConfig,
-    ServeConfig,
-    TokenizerTrainConfig,
-    TrainConfig,
-    load_config,
-    load_serve_file,
-)
+from ms_ray import config
+from ms_ray.config import load_config, load_serve_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # shipped file -> the typed config that validates it; a new YAML must be added here
 TYPED = {
-    "jobs/demo.yaml": DemoConfig,
-    "jobs/data-skills.yaml": PrepareConfig,
-    "jobs/data-skills-sequential.yaml": PrepareConfig,
-    "jobs/data-chat.yaml": PrepareConfig,
-    "jobs/tokenizer.yaml": TokenizerTrainConfig,
-    "jobs/tiny.yaml": TrainConfig,
-    "jobs/qwen3-0.6b-zero2.yaml": TrainConfig,
-    "jobs/qwen3-8b-zero3-offload.yaml": TrainConfig,
-    "jobs/eval.yaml": EvalJobConfig,
-    "jobs/compare-tiny.yaml": CompareConfig,
-    "serve/local.yaml": ServeConfig,  # Serve config files: ServeConfig is applications[0].args
-    "serve/cluster.yaml": ServeConfig,
+    "jobs/demo.yaml": config.DemoConfig,
+    "jobs/data-skills.yaml": config.PrepareConfig,
+    "jobs/data-skills-sequential.yaml": config.PrepareConfig,
+    "jobs/data-chat.yaml": config.PrepareConfig,
+    "jobs/tokenizer.yaml": config.TokenizerTrainConfig,
+    "jobs/tiny.yaml": config.TrainConfig,
+    "jobs/qwen3-0.6b-zero2.yaml": config.TrainConfig,
+    "jobs/qwen3-8b-zero3-offload.yaml": config.TrainConfig,
+    "jobs/eval.yaml": config.EvalJobConfig,
+    "jobs/compare-tiny.yaml": config.CompareConfig,
+    "serve/local.yaml": config.ServeConfig,  # Serve config files: config.ServeConfig is applications[0].args
+    "serve/cluster.yaml": config.ServeConfig,
 }
 GPU_PRESETS = {"jobs/qwen3-0.6b-zero2.yaml", "jobs/qwen3-8b-zero3-offload.yaml"}  # cluster paths (/mnt/...)
 
 
 def shipped_outputs() -> set[str]:
     """Where shipped jobs write: an input there is made by running another shipped job."""
-    configs = [load_config(cls, ROOT / p, check_paths=False) for p, cls in TYPED.items() if cls is not ServeConfig]
-    outputs = {c.output for c in configs if isinstance(c, (PrepareConfig, TokenizerTrainConfig))}
-    return outputs | {f"{c.run.storage}/{c.run.name}/export" for c in configs if isinstance(c, TrainConfig)}
+    configs = [load_config(cls, ROOT / p, check_paths=False) for p, cls in TYPED.items()
+               if cls is not config.ServeConfig]
+    outputs = {c.output for c in configs if isinstance(c, (config.PrepareConfig, config.TokenizerTrainConfig))}
+    return outputs | {f"{c.run.storage}/{c.run.name}/export" for c in configs if isinstance(c, config.TrainConfig)}
 # cluster/ (launcher config, KubeRay manifests) is checked by tests/test_cluster.py instead
 SHIPPED = sorted(str(p.relative_to(ROOT)) for d in ("jobs", "serve") for p in (ROOT / d).rglob("*.y*ml"))
 
@@ -52,10 +44,10 @@ def test_something_is_shipped():
 @pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_yaml_is_valid(path):
     assert path in TYPED, f"{path} has no typed config check: add it to TYPED"
-    if TYPED[path] is ServeConfig:
+    if TYPED[path] is config.ServeConfig:
         return check_serve_file(path)
     cfg = load_config(TYPED[path], ROOT / path, check_paths=False)
-    if isinstance(cfg, TrainConfig):
+    if isinstance(cfg, config.TrainConfig):
         inputs = [p for p in (cfg.data.prepare,) if p]
         if path in GPU_PRESETS:
             assert cfg.scaling.use_gpu and cfg.model.pretrained and cfg.deepspeed.precision == "bf16"
@@ -65,14 +57,14 @@ def test_shipped_yaml_is_valid(path):
         for p in inputs:
             made = p in shipped_outputs()
             assert (ROOT / p).exists() or made, f"{path}: input {p} neither ships nor is made by a shipped job"
-    if isinstance(cfg, PrepareConfig):
+    if isinstance(cfg, config.PrepareConfig):
         inputs = [s.path for s in cfg.sources if s.path] + ([cfg.tokenizer] if cfg.tokenizer != "skills" else [])
         for p in inputs:
             made = p in shipped_outputs()
             assert (ROOT / p).exists() or made, f"{path}: input {p} neither ships nor is made by a shipped job"
-    if isinstance(cfg, EvalJobConfig):
+    if isinstance(cfg, config.EvalJobConfig):
         assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
-    if isinstance(cfg, CompareConfig):  # both arms load, with the same budget and data a shipped job makes
+    if isinstance(cfg, config.CompareConfig):  # both arms load, with the same budget and data a shipped job makes
         from ms_ray.experiments.compare import arm_configs
 
         for arm in arm_configs(cfg).values():
