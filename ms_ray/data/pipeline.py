@@ -57,7 +57,7 @@ from .skills import SKILL_STREAMS, TASKS, generate_examples, to_sequential
 from .staging import PrepareError, PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
 from .tables import Conversation, Dropped, Example
 from .teacher import TeacherClient, TeacherConfig, teacher_convert
-from .tokenizer import skill_tokenizer, tokenizer_hash
+from .tokenizer import encoder, skill_tokenizer, tokenizer_hash
 
 SPLITS = ("train", "validation")
 UNKNOWN_SAMPLE = 200  # input lines per source tokenized before Ray starts, to refuse early
@@ -80,10 +80,6 @@ def schema_and_tokenizer(schema_json: str, tokenizer_spec: str):
     else:
         tokenizer = load_tokenizer(tokenizer_spec, schema)
     return schema.bind(tokenizer), tokenizer
-
-
-def encoder(tokenizer):
-    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ---- stage 1: read and convert -----------------------------------------------------------

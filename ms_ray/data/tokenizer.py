@@ -59,6 +59,11 @@ def skill_tokenizer():
 
 
 # ---- layout helpers ------------------------------------------------------------------------
+def encoder(tokenizer):
+    """text -> token ids with `tokenizer`, no special tokens added: how tables are encoded."""
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenizer_hash(tokenizer) -> str:
     """A fingerprint of the vocabulary, merges and special tokens (short sha256)."""
     blob = tokenizer.backend_tokenizer.to_str() + "|" + ",".join(tokenizer.all_special_tokens)

@@ -56,6 +56,7 @@ from ..core.decode import RowDecoder, StopRules
 from ..core.streams import SchemaError
 from ..data.skills import SEQUENTIAL_STREAMS, SKILL_STREAMS, TASKS, TOOL_DELAY, generate_examples, sequential_text
 from ..data.tables import Example
+from ..data.tokenizer import encoder
 from ..tools import run_call
 from ..tracking import Progress
 
@@ -119,7 +120,7 @@ def held_out_examples(cfg, tokenizer) -> list[Example]:
     all), drawn as stream tables with `cfg.seed` (SkillEvalConfig or EvalConfig)."""
     tasks = tuple(cfg.tasks or TASKS)
     return generate_examples(cfg.examples_per_task * len(tasks), cfg.seed, SKILL_STREAMS.bind(tokenizer),
-                             lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tasks)
+                             encoder(tokenizer), tasks)
 
 
 def is_skills_model(schema) -> bool:
@@ -148,14 +149,12 @@ class Layout:
         if tool not in TOOLS:
             raise ValueError(f"tool must be one of {TOOLS}, got {tool!r}")
         self.schema, self.tokenizer, self.tool, self.force_outputs = schema, tokenizer, tool, force_outputs
+        self.encode = encoder(tokenizer)
         self.kind = layout_of(schema)
         self.silence = schema.silence_id
         self.end_id = schema.end_ids()["output" if self.kind == "streams" else schema.names[0]]
         if self.kind == "sequential":
             self.label = {s: self._one_token(f"{s}:") for s in ("tool_call", "tool", "output")}
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _one_token(self, word: str) -> int:
         ids = self.encode(word)
