@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         imported(cmd.function)(cfg)
     except KeyboardInterrupt:
         print(f"\nms-ray {name}: interrupted; {what_was_kept(name, cfg)}", file=sys.stderr, flush=True)
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # the local Ray stops now, not in the interpreter's teardown
         return INTERRUPTED
     except REFUSED as e:  # bad input: named, nothing started or nothing lost
         print(f"ms-ray {name}: {e}", file=sys.stderr)
@@ -320,5 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def entry() -> None:
+    """The `ms-ray` program. After Ctrl-C (Ray already stopped, what was kept said) it exits
+    without the interpreter's teardown: a thread Ray Data or pyarrow left behind can crash it
+    there (seen as exit -11 instead of 130 after an interrupted prepare)."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

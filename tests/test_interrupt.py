@@ -32,6 +32,13 @@ def ctrl_c(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def wait_for(predicate, proc, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -53,7 +60,9 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoint_and_resumes(data, tmp_
             "optim.max_steps=100000", "optim.warmup_steps=1", "checkpoint.every=3", "eval.every=100000",
             "eval.examples_per_task=0", f"run.storage={tmp_path}", "run.name=ctrlc", "wandb.mode=disabled"]
     proc = start(args)
-    wait_for(lambda: any((p / "rank0.json").exists() for p in (tmp_path / "ctrlc").glob("checkpoint_*")), proc, 300)
+    # a checkpoint counts once Ray Train has registered it (every rank reported), not when rank 0 wrote it
+    snapshot = tmp_path / "ctrlc" / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: '"checkpoint_dir_name"' in read_text(snapshot), proc, 300)
     code, out = ctrl_c(proc)
     last = out.strip().splitlines()[-1]
     assert code == 130, out[-3000:]
