@@ -164,22 +164,58 @@ def ray_head(tmp_path_factory):
     subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)  # anything left of this head only
 
 
-def check_report_outputs(out, labels: list[str], n: int) -> dict:
-    """What `ms-ray eval` and `ms-ray compare` write: summary, report, records, plots, one W&B run."""
+def check_report_outputs(out, labels: list[str], sessions: int) -> dict:
+    """What `ms-ray eval` and `ms-ray compare` write after scoring `sessions` held-out sessions: summary,
+    report, records (one per task, at least one per session), plots, one W&B run."""
     import json
 
+    from ms_ray.data.skill_sessions import CONDITIONS
     from ms_ray.data.skills import TASKS
 
     summary = json.loads((out / "summary.json").read_text())
     report = (out / "report.md").read_text()
     for label in labels:
-        assert summary["summaries"][label]["all"]["n"] == n
-        assert set(summary["summaries"][label]) == {*TASKS, "all"}
-        records = (out / f"records-{label}.jsonl").read_text().splitlines()
-        assert len(records) == n and {json.loads(r)["task"] for r in records} == set(TASKS)
-    assert f"| all | {n} |" in report and " / ".join(labels) in report
+        per_key = summary["summaries"][label]
+        n = per_key["all"]["n"]
+        assert n >= sessions and set(TASKS) <= set(per_key)
+        assert set(per_key) <= {*TASKS, "all", *(f"{t}@{c}" for t in TASKS for c in CONDITIONS)}
+        records = [json.loads(r) for r in (out / f"records-{label}.jsonl").read_text().splitlines()]
+        assert len(records) == n and {r["task"] for r in records} == set(TASKS)
+        assert {r["condition"] for r in records} <= set(CONDITIONS)
+        assert f"| all | any | {n} |" in report
+    assert " / ".join(labels) in report
     for plot in ("accuracy", "latency_rows", "latency_ms"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     return summary
+
+
+@pytest.fixture(scope="session")
+def skills_export(tmp_path_factory):
+    """A short-trained skills model for the tests that talk to a live server like a person: jobs/tiny.yaml
+    on sessions of the two quickest tasks (wait_k, and mostly tool_call; jobs/data-skills.yaml otherwise),
+    3,000 steps of one pack per worker with `ms-ray train` in its own process (~4 min). Returns the export
+    (MS_RAY_TEST_SKILLS_EXPORT=FOLDER: that one instead, to iterate on these tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    if os.environ.get("MS_RAY_TEST_SKILLS_EXPORT"):  # iterating on the live tests: reuse an export
+        return Path(os.environ["MS_RAY_TEST_SKILLS_EXPORT"])
+    root = Path(__file__).resolve().parent.parent
+    tmp = tmp_path_factory.mktemp("skills_export")
+    data = yaml.safe_load((root / "jobs/data-skills.yaml").read_text())
+    data["sources"][0].update(examples=8000, tasks=["wait_k", "tool_call"], task_weights={"wait_k": 1, "tool_call": 3})
+    (tmp / "data.yaml").write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "ms_ray.cli", "train", "jobs/tiny.yaml", f"data.path={tmp / 'data'}",
+         f"data.prepare={tmp / 'data.yaml'}", "data.batch_size=1", "optim.max_steps=3000", "optim.lr=3e-3",
+         "optim.warmup_steps=50", "eval.examples_per_task=0", "checkpoint.every=3000", "wandb.mode=disabled",
+         f"run.storage={tmp / 'train'}", "run.name=live", "run.log_every=200"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return tmp / "train" / "live" / "export"

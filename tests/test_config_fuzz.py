@@ -49,7 +49,7 @@ INT_FIELDS = {
              ("decode.max_new_rows", POSITIVE, (1, None)), ("decode.seed", ANY, (None, None))],
     "train": [("model.hidden_size", POSITIVE.map(lambda k: 4 * k), (1, None)),
               ("optim.max_steps", st.integers(101, HUGE), (1, None)),  # longer than warmup (100 steps)
-              ("optim.warmup_steps", st.integers(0, 2199), (0, None)),  # shorter than max_steps (2200)
+              ("optim.warmup_steps", st.integers(0, 3399), (0, None)),  # shorter than max_steps (3400)
               ("checkpoint.every", POSITIVE, (1, None)), ("scaling.num_workers", POSITIVE, (1, None)),
               ("data.batch_size", POSITIVE, (1, None)), ("eval.examples_per_task", NATURAL, (0, None)),
               ("seed", ANY, (None, None))],

@@ -89,3 +89,15 @@ def check_serve_file(path):
     else:
         assert cfg.checkpoint.startswith("/mnt/shared") and cfg.model.num_gpus >= 1
         assert cfg.ingress.anonymous_role is None  # a cluster never serves without keys
+
+
+def test_the_baseline_data_is_the_same_sessions_on_one_stream():
+    """`ms-ray compare`'s two data sets draw the same sessions (seed, source, split); only the
+    rendering, the schema and the pack length (rows x streams tokens per pack) differ."""
+    streams, sequential = (load_config(config.PrepareConfig, ROOT / p, check_paths=False)
+                           for p in ("jobs/data-skills.yaml", "jobs/data-skills-sequential.yaml"))
+    same = {"rendering": "streams"}
+    assert [s.model_copy(update=same) for s in sequential.sources] == streams.sources
+    assert (sequential.seed, sequential.split) == (streams.seed, streams.split)
+    assert sequential.packing.max_rows == streams.packing.max_rows * len(streams.schema_.streams)
+    assert streams.sources[0].session is not None  # the main job trains on sessions

@@ -42,6 +42,7 @@ from .jobs import (  # noqa: F401  (the public names)
     SchemaConfig,
     ScriptedInput,
     SkillEvalConfig,
+    SkillSessionConfig,
     SourceConfig,
     SplitConfig,
     StreamConfig,

@@ -116,6 +116,27 @@ class TeacherSettings(Strict):
     max_retries: int = Field(2, ge=0)
 
 
+class SkillSessionConfig(Strict):
+    """How skill sessions are drawn (ms_ray/data/skill_sessions.py): leading silence, 1-4 tasks
+    separated by silent gaps or asked while a count runs, in at most `rows` rows."""
+
+    rows: int = Field(128, gt=0)  # a session never exceeds this; at most packing.max_rows
+    tasks: tuple[int, int] = (1, 4)  # tasks per session, inclusive
+    lead_zero: float = Field(0.25, ge=0, le=1)  # probability that the first question starts at row 0
+    lead_silence: tuple[int, int] = (1, 40)  # else: silent rows before it
+    gap: tuple[int, int] = (1, 12)  # silent rows between an answer's end and the next question
+    mid_answer: float = Field(0.5, ge=0, le=1)  # after a count that still runs: chance the next question cuts in
+
+    @field_validator("tasks", "lead_silence", "gap")
+    @classmethod
+    def _range(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"{info.field_name} must be [low, high] with 0 <= low <= high, got {list(v)}")
+        if info.field_name == "tasks" and v[0] < 1:
+            raise ValueError("tasks: a session has at least one task")
+        return v
+
+
 class SourceConfig(Strict):
     """One input of `ms-ray prepare`."""
 
@@ -132,6 +153,11 @@ class SourceConfig(Strict):
     # skills: "streams" = stream tables; "sequential" = the same examples as one labelled
     # sequence (`user: ... output: ... <|end|>`) for a one-stream baseline schema
     rendering: Literal["streams", "sequential"] = "streams"
+    # skills: sessions (questions at any time, several per session; `examples` counts sessions),
+    # or null for one task per example from row 0 (the single-task layout); after_input / wait_k:
+    # the same lead_zero, lead_silence and gap around a conversation's turns
+    session: SkillSessionConfig | None = None
+    task_weights: dict[str, float] | None = None  # skills: how often each task is drawn (default: equal)
     shards: int = Field(1, gt=0)  # parallel read-convert-pack tasks, each writes one file per split
     max_chars: int = Field(20000, gt=0)  # longer texts are dropped and reported
 
@@ -147,6 +173,17 @@ class SourceConfig(Strict):
             raise ValueError("a jsonl source needs a path")
         if self.rendering == "sequential" and self.kind != "skills":
             raise ValueError("rendering: sequential is for skills sources")
+        if self.kind != "skills" and self.task_weights:
+            raise ValueError("task_weights is for skills sources")
+        if self.session is not None and (self.policy == "teacher" or self.format == "table") and self.kind != "skills":
+            raise ValueError("session timing applies to skills and to the after_input and wait_k policies; "
+                             "the teacher and table rows carry their own timing")
+        weights = (self.task_weights or {}).values()
+        if self.task_weights is not None and (min(weights, default=0) < 0 or sum(weights) <= 0):
+            raise ValueError(f"task_weights must be >= 0 with a positive sum, got {self.task_weights}")
+        if self.tasks and set(self.task_weights or ()) - set(self.tasks):
+            raise ValueError(f"task_weights names tasks this source does not draw: "
+                             f"{sorted(set(self.task_weights) - set(self.tasks))}")
         if self.policy == "teacher" and self.teacher is None:
             raise ValueError("policy teacher needs a teacher: {base_url: ...} section")
         return self
@@ -284,6 +321,9 @@ class SkillEvalConfig(Strict):
     slack_rows: int = Field(8, ge=0)  # rows allowed beyond the reference length
     tool: Literal["live", "scripted"] = "live"  # live: the real tool answers the model's own call; scripted:
     # the reference's result at the reference's rows
+    # sessions: examples_per_task sessions per task and condition (row 0, after silence, later,
+    # mid-answer), drawn with this shape; null: one task per example from row 0
+    session: SkillSessionConfig | None = SkillSessionConfig()
 
     @model_validator(mode="before")
     @classmethod

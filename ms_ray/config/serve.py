@@ -61,7 +61,10 @@ class SessionConfig(Strict):
     row_interval_s: float = Field(0.05, ge=0)  # the row clock; 0 = as fast as the model goes
     max_rows: int = Field(4096, gt=0)
     end_on_end_token: bool = False  # end a session once its output says its end token
-    quiet_after_end: bool = True  # else: after its end token a stream stays silent until new input
+    # True: after its end token an output stream is held silent until the next input re-opens it
+    # (the decoder's StopRules.reopen_on_input); False: the model alone decides (a skills model
+    # trained on sessions stays quiet by itself)
+    quiet_after_end: bool = True
     silent_rows: int | None = Field(None, gt=0)  # end after this many all-silent rows
     idle_timeout_s: float = Field(60, gt=0)  # end a session nobody reads or writes for this long
     backlog_rows: int = Field(2048, ge=0)  # rows kept for late subscribers (SSE after POST)
@@ -75,6 +78,10 @@ class ToolsConfig(Strict):
     call_stream: str = "tool_call"
     result_stream: str = "tool"
     timeout_s: float = Field(10, gt=0)
+    # the result enters the tool stream this many rows after the call's last token (the skills
+    # model's training: data/skills.TOOL_DELAY), or as soon as it comes when the tool is slower;
+    # at least 2: the call is known to be complete only at the silent cell after it
+    delay_rows: int = Field(3, ge=2)
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0, ge=0)
 

@@ -37,6 +37,9 @@ class StopRules:
     max_new_rows: int | None = 256  # rows produced by step() for this session
     end_streams: tuple[str, ...] | None = None  # None: every output stream with an end token
     silent_rows: int | None = None  # end after this many consecutive all-silent rows
+    # True: an output stream that said its end token is silent only until the next input token
+    # arrives (on any input stream), then sampled again; the session never ends on end tokens
+    reopen_on_input: bool = False
 
 
 @dataclass
@@ -273,6 +276,9 @@ class RowDecoder:
         """Host-side: the token of every cell that is not sampled, and which cells those are."""
         forced, use = [], []
         for session in active:
+            if session.ended and session.stop.reopen_on_input and any(
+                    session.queues[s] for s, spec in enumerate(self.schema.streams) if spec.role == "input"):
+                session.ended.clear()  # new input: the ended streams speak again
             f_row, u_row = [], []
             for s, spec in enumerate(self.schema.streams):
                 q = session.queues[s]
@@ -308,7 +314,7 @@ class RowDecoder:
                 session.ended.add(s)
         session.silent_run = session.silent_run + 1 if all(t == self.silence for t in tokens) else 0
         stop = session.stop
-        if session.end_ids and len(session.ended) == len(session.end_ids):
+        if session.end_ids and len(session.ended) == len(session.end_ids) and not stop.reopen_on_input:
             return "end_token"
         if stop.silent_rows is not None and session.silent_run >= stop.silent_rows:
             return "silence"

@@ -16,14 +16,21 @@ Every turn ends with its stream's end token when the schema gives one.
 
 from __future__ import annotations
 
+import random
+
 from ..config import parse_policy
 from ..core.streams import StreamSchema
 from .tables import Conversation, Dropped, Example, Timeline
 
 
-def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, example_id: str) -> Example | Dropped:
-    """Place the turns of `conv` in rows under `policy` (after_input or wait_k(k))."""
+def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, example_id: str,
+            session=None) -> Example | Dropped:
+    """Place the turns of `conv` in rows under `policy` (after_input or wait_k(k)). session (a
+    SkillSessionConfig, its lead_zero / lead_silence / gap): time it as a live session, drawn from
+    the example id: silent rows before the first turn and before every input turn that follows a
+    reply, and after the last turn, so the model learns to wait and to fall silent."""
     name, k = parse_policy(policy)
+    rng = random.Random(f"session/{example_id}") if session is not None else None
     if name == "teacher":
         raise ValueError("the teacher policy needs an endpoint: use ms_ray.data.teacher.teacher_convert")
     timeline = Timeline(schema)
@@ -41,7 +48,8 @@ def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, examp
         if turn.stream in end_ids:
             ids.append(end_ids[turn.stream])
         if schema.role(turn.stream) == "input":
-            start = cursor
+            after_reply = placed and schema.role(placed[-1][0]) == "output"
+            start = cursor + (_pause(rng, session, first=not placed) if not placed or after_reply else 0)
             input_start, input_end = start, start + len(ids)
         elif input_start is None:  # a reply with no input before it (e.g. a greeting)
             start = cursor
@@ -53,7 +61,17 @@ def convert(conv: Conversation, schema: StreamSchema, encode, policy: str, examp
         placed.append([turn.stream, start, start + len(ids)])
     if not placed:
         return Dropped(conv.file, conv.line, "conversation has no turns")
+    rows = timeline.to_rows(cursor + _pause(rng, session, first=False))
     meta = {"turns": placed}
     if conv.file is not None:  # where a later stage's report points (packing overflow)
         meta["origin"] = conv.file if conv.line is None else f"{conv.file}:{conv.line}"
-    return Example(example_id, conv.source, conv.group, policy, timeline.to_rows(), meta)
+    return Example(example_id, conv.source, conv.group, policy, rows, meta)
+
+
+def _pause(rng, session, first: bool) -> int:
+    """Silent rows: before the first turn (none with probability lead_zero), else a gap; 0 without a session."""
+    if session is None:
+        return 0
+    if first:
+        return 0 if rng.random() < session.lead_zero else rng.randint(*session.lead_silence)
+    return rng.randint(*session.gap)

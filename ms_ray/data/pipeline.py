@@ -53,6 +53,7 @@ from ..ray_env import init_ray
 from .convert import convert
 from .formats import read_chitchat, read_jsonl, read_table_jsonl
 from .packing import fit_length, pack_examples
+from .skill_sessions import generate_sessions
 from .skills import SKILL_STREAMS, TASKS, generate_examples, to_sequential
 from .staging import PrepareError, PrepareRefused, check_output, parent_lock, recover, sibling, swap_in
 from .tables import Conversation, Dropped, Example
@@ -90,12 +91,11 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
     if src.kind == "skills":
         n = src.examples // src.shards + (shard < src.examples % src.shards)
         seed = cfg.seed * 1_000_003 + src_index * 1009 + shard
-        tasks = tuple(src.tasks or TASKS)
         if src.rendering == "streams":
-            yield from generate_examples(n, seed, schema, encode, tasks)
+            yield from skill_examples(src, n, seed, schema, encode)
         else:  # the same draws, laid out as tables first, then rendered as one sequence
             table_schema, table_tok = schema_and_tokenizer(json.dumps(SKILL_STREAMS.to_dict()), cfg.tokenizer)
-            for example in generate_examples(n, seed, table_schema, encoder(table_tok), tasks):
+            for example in skill_examples(src, n, seed, table_schema, encoder(table_tok)):
                 yield to_sequential(example, schema, encode)
         return
     if src.kind == "chitchat":
@@ -120,7 +120,19 @@ def source_items(cfg, src_index: int, shard: int, schema, tokenizer):
                 result.id = f"{src.label}#{n}"
             yield result
         else:
-            yield convert(item, schema, encode, src.policy, f"{src.label}#{n}")
+            yield convert(item, schema, encode, src.policy, f"{src.label}#{n}", src.session)
+
+
+def skill_examples(src, n: int, seed: int, schema, encode) -> list[Example]:
+    """A skills source's draws: `n` sessions (src.session) or single tasks from row 0."""
+    tasks = tuple(src.tasks or TASKS)
+    if src.session is None:
+        return generate_examples(n, seed, schema, encode, tasks)
+    unknown = set(src.task_weights or ()) - set(tasks)
+    if unknown:
+        raise ValueError(f"source {src.label}: task_weights names unknown tasks {sorted(unknown)}; tasks: {tasks}")
+    weights = [(src.task_weights or {}).get(t, 1.0) for t in tasks] if src.task_weights else None
+    return generate_sessions(n, seed, schema, encode, src.session, tasks, weights)
 
 
 def teacher_kwargs(settings) -> dict:

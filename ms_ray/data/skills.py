@@ -88,9 +88,9 @@ def _put_after(tl: Timeline, stream: str, after: int, word: str, enc) -> int:
 
 
 # ---- the four tasks: each fills the timeline and returns the text parts --------------------
-def _wait_k(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
+def _wait_k(rng: random.Random, tl: Timeline, enc, end: int, at: int = 0) -> dict:
     src = [rng.choice(list(DICTIONARY)) for _ in range(rng.randint(4, 10))]
-    lasts = _put_words(tl, "user", 0, src, enc)
+    lasts = _put_words(tl, "user", at, src, enc)
     for w, last in zip(src, lasts):
         _put_after(tl, "output", last, DICTIONARY[w], enc)
     # The user is known to be done only at the first silent row after the last word.
@@ -98,10 +98,10 @@ def _wait_k(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
     return {"user": " ".join(src), "output": " ".join(DICTIONARY[w] for w in src)}
 
 
-def _running_sum(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
+def _running_sum(rng: random.Random, tl: Timeline, enc, end: int, at: int = 0) -> dict:
     digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 8))]
     words = " + ".join(map(str, digits)).split() + ["="]
-    lasts = _put_words(tl, "user", 0, words, enc)
+    lasts = _put_words(tl, "user", at, words, enc)
     totals = [sum(digits[: i + 1]) for i in range(len(digits))]
     for total, last in zip(totals, lasts[0::2]):  # digits sit at even word positions
         _put_after(tl, "think", last, str(total), enc)
@@ -110,12 +110,12 @@ def _running_sum(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
     return {"user": " ".join(words), "think": " ".join(map(str, totals)), "output": str(totals[-1])}
 
 
-def _count_stop(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
+def _count_stop(rng: random.Random, tl: Timeline, enc, end: int, at: int = 0) -> dict:
     length = rng.randint(3, 10)
     a = rng.randint(0, 99 - length + 1)
     numbers = [str(k) for k in range(a, a + length)]
     user = ["count", numbers[0], "to", numbers[-1]]
-    start = _put_words(tl, "user", 0, user, enc)[-1] + REACTION
+    start = _put_words(tl, "user", at, user, enc)[-1] + REACTION
     pieces = [enc(w, first=(i == 0)) for i, w in enumerate(numbers)]
     stop_ids = enc("stop", first=False)
     # Cut after word j (p tokens written): `stop` ends at start + p - 2 so that <|end|> lands
@@ -139,10 +139,10 @@ def _count_stop(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
     return {"user": " ".join(user), "output": " ".join(numbers)}
 
 
-def _tool_call(rng: random.Random, tl: Timeline, enc, end: int) -> dict:
+def _tool_call(rng: random.Random, tl: Timeline, enc, end: int, at: int = 0) -> dict:
     a, b = rng.randint(*FACTORS), rng.randint(*FACTORS)
     user = ["what", "is", str(a), "times", str(b)]
-    start = _put_words(tl, "user", 0, user, enc)[-1] + REACTION
+    start = _put_words(tl, "user", at, user, enc)[-1] + REACTION
     call_last = _put_words(tl, "tool_call", start, ["mul", str(a), str(b)], enc)[-1]
     _put_words(tl, "output", start, ["let", "me", "check"], enc)  # talk while the call goes out
     result_last = _put_words(tl, "tool", call_last + TOOL_DELAY, [str(a * b)], enc)[-1]
@@ -156,6 +156,17 @@ _TASK_FNS = {"wait_k": _wait_k, "running_sum": _running_sum, "count_stop": _coun
 
 
 # ---- public API ------------------------------------------------------------------------------
+def word_encoder(encode):
+    """enc(word, first): a word's token ids, with a leading space unless it opens its turn (as it
+    appears in running text); a word that encodes to nothing raises."""
+    def enc(word: str, first: bool = True) -> list[int]:
+        ids = list(encode(word if first else " " + word))
+        if not ids:
+            raise ValueError(f"encode({word!r}) gave no tokens")
+        return ids
+    return enc
+
+
 def generate(task: str, rng: random.Random, schema: StreamSchema, encode, *, uid: str | None = None) -> Example:
     """One example of `task` drawn from `rng`.
 
@@ -163,7 +174,8 @@ def generate(task: str, rng: random.Random, schema: StreamSchema, encode, *, uid
     returns token ids (words after the first of a turn are encoded with a leading space, as
     they appear in running text). `uid` names the example (id f"skills/{task}/{uid}", group
     f"{task}-{uid}" with '/' -> '-'); by default it is drawn from `rng`.
-    meta: task, input_end_row, answer (output-stream tokens incl. end), answer_stream,
+    meta: kind "task", tasks (one entry, described as a session's: data/skill_sessions.py), task,
+    input_end_row, answer (output-stream tokens incl. end), answer_stream,
     first_output_row, inputs {input stream: [[row, id], ...]}, sequential (token ids of
     `sequential_text`), parts {stream: text}.
     """
@@ -171,13 +183,7 @@ def generate(task: str, rng: random.Random, schema: StreamSchema, encode, *, uid
         raise ValueError(f"unknown skill task {task!r}; choose from {TASKS}")
     end = schema.end_ids()["output"]  # raises if the schema is not bound
     end_token = schema.streams[schema.index("output")].end_token
-
-    def enc(word: str, first: bool = True) -> list[int]:
-        ids = list(encode(word if first else " " + word))
-        if not ids:
-            raise ValueError(f"encode({word!r}) gave no tokens")
-        return ids
-
+    enc = word_encoder(encode)
     tl = Timeline(schema)
     parts = _TASK_FNS[task](rng, tl, enc, end)
     parts["output"] = f"{parts['output']} {end_token}"
@@ -187,10 +193,17 @@ def generate(task: str, rng: random.Random, schema: StreamSchema, encode, *, uid
     inputs = {s.name: [[r, int(t)] for r, t in enumerate(rows[:, i]) if t != silence]
               for i, s in enumerate(schema.streams) if s.role == "input"}
     out_col = rows[:, schema.index("output")]
+    answer = stream_tokens(rows, schema, "output")
+    user_end = max(r for r, _ in inputs["user"])
+    task_meta = {"task": task, "condition": "row0", "start": 0, "user_end": user_end, "window": [0, len(rows)],
+                 "answer": answer, "end_row": int(np.flatnonzero(out_col == end)[-1]),
+                 "stopped": "stop" in parts["user"].split(), "interrupted": False, "parts": parts}
     meta = {
+        "kind": "task",
+        "tasks": [task_meta],
         "task": task,
         "input_end_row": max(r for cells in inputs.values() for r, _ in cells),
-        "answer": stream_tokens(rows, schema, "output"),
+        "answer": answer,
         "answer_stream": "output",
         "first_output_row": int(next(r for r, t in enumerate(out_col) if t != silence)),
         "inputs": inputs,
@@ -233,12 +246,24 @@ def sequential_text(example_or_parts) -> str:
     return " ".join(f"{s}: {parts[s]}" for s in order if parts[s])
 
 
+def sequential_turn(task: dict) -> str:
+    """One task of an example or session (meta["tasks"][k]) as a chat turn for the single-stream
+    baseline. A sequential chat cannot hear a question while it writes, so a count that a later
+    question interrupted is written as a count the user stopped (`count 3 to 9 stop`), as
+    count_stop's own `stop` is (sequential_text)."""
+    parts = dict(task["parts"])
+    if task["interrupted"]:
+        parts["user"] = f"{parts['user']} stop"
+    return sequential_text(parts)
+
+
 def to_sequential(example: Example, schema: StreamSchema, encode) -> Example:
-    """The same example for a single-stream model: one column holding `sequential_text`
-    (one token per row), same id, source and group, so it lands in the same split."""
+    """The same example or session for a single-stream model: one column holding its turns'
+    `sequential_turn` texts (one token per row; a transcript that grows turn by turn), same id,
+    source and group, so it lands in the same split."""
     if schema.num_streams != 1:
         raise ValueError(f"the sequential rendering needs a one-stream schema, got streams {schema.names}")
-    ids = list(encode(sequential_text(example)))
+    ids = list(encode(" ".join(sequential_turn(t) for t in example.meta["tasks"])))
     rows = np.asarray(ids, dtype=np.int32)[:, None]
-    meta = {k: example.meta[k] for k in ("task", "parts")}
+    meta = {k: example.meta[k] for k in ("task", "parts", "tasks") if k in example.meta}
     return Example(example.id, example.source, example.group, "sequential", rows, meta)

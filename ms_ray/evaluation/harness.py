@@ -1,16 +1,21 @@
-"""The skill evaluation, in one place: held-out examples decoded as live sessions, scored, summarised.
+"""The skill evaluation, in one place: held-out sessions decoded live, scored, summarised.
 
-`ms-ray eval`, `ms-ray compare` and the training loop all call `evaluate` and `summarize`.
+`ms-ray eval`, `ms-ray compare` and the training loop all call `evaluate` and `summarize`
+(scoring.py holds the metrics and their definitions).
 
-Two layouts of the same examples, one harness:
-  streams     the multi-stream model: user cells are injected at their rows (one token per
-              row, as a user types), the output streams are generated, all in parallel;
-  sequential  the single-stream baseline: the same content as one labelled sequence
-              (`user: what is 6 times 7 tool_call: mul 6 7 tool: 42 output: let me check 42
-              <|end|>`); the user part is injected one token per row (it reads as the user
-              types, like the other), everything after it is generated.
-Both run on the same RowDecoder (a one-stream model is a plain causal LM: one token per row),
-greedily; a session ends on the answer's end token or after the reference's rows + slack_rows.
+What is decoded: held-out skill sessions (data/skill_sessions.py; eval.session) with every task in
+every condition (row 0, after leading silence, later in a session, asked while a count runs), or,
+with eval.session null, single tasks from row 0. Two layouts of the same sessions, one harness:
+  streams     the multi-stream model: user cells are injected at their rows (one token per row, as a
+              user types), the output streams are generated, all in parallel, for the session's rows
+              plus slack_rows. Nothing is forced after an answer's end: staying quiet is the model's.
+  sequential  the single-stream baseline: the session as a chat transcript that grows turn by turn
+              (`user: what is 6 times 7 tool_call: mul 6 7 tool: 42 output: let me check 42 <|end|>
+              user: ...`). Each turn's `user:` part is injected one token per row, everything after
+              it is generated until the model's end token (or the reference turn's length plus
+              slack_rows), then the next turn's question follows. A transcript cannot hear a
+              question while it writes: a count a later question cut short reads `... stop`.
+Both run on the same RowDecoder (a one-stream model is a plain causal LM: one token per row), greedily.
 
 The tool (`tool=`):
   live      the REAL tool (ms_ray.tools.run_call) answers the call the model wrote: the streams
@@ -21,47 +26,29 @@ The tool (`tool=`):
             whatever the model called; after the baseline's `tool:`.
 force_outputs=True pushes the reference's output cells too (teacher forcing, silence included):
 it reproduces the reference, a check of the machinery, not of the model.
-
-Metrics, per task and over all examples ("all"). Every row and ms count is taken from the row
-of the user's LAST input token (`user_end`); negative = before the user had finished. ms are the
-wall time between the decoder steps that built those rows: with batch_sessions=1 one session's
-latency on this machine, with more a batch's. A mean over nothing is NaN.
-  n                       examples
-  accuracy                share whose answer equals the reference exactly, end token included
-  no_answer               share with no answer token at all
-  start_rows_after_user   rows from user_end to the first answer token (examples with one)
-  start_ms_after_user     the same in ms
-  end_rows_after_user     rows from user_end to the answer's end token (exact answers only)
-  end_ms_after_user       the same in ms
-  reaction_exact          count_stop with a mid-answer `stop`: share that ended exactly where it had to
-  reaction_rows           count_stop with a mid-answer `stop` (the user's last token): rows to the end token
-  tool_used               tool_call: share whose answer repeats the result of the model's own call
-  talk_while_tool         tool_call: share with an answer token written while the tool worked
-The answer is the output stream's non-silent cells (streams) / what follows the model's first
-`output:` after the user's part (sequential); think and tool_call are not the answer.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..core.decode import RowDecoder, StopRules
 from ..core.streams import SchemaError
-from ..data.skills import SEQUENTIAL_STREAMS, SKILL_STREAMS, TASKS, TOOL_DELAY, generate_examples, sequential_text
+from ..data.skill_sessions import targeted_sessions
+from ..data.skills import SEQUENTIAL_STREAMS, SKILL_STREAMS, TASKS, TOOL_DELAY, generate_examples, sequential_turn
 from ..data.tables import Example
 from ..data.tokenizer import encoder
 from ..tools import run_call
 from ..tracking import Progress
+from .scoring import score_session, summarize
 
-SUMMARY = ("n", "accuracy", "no_answer", "start_rows_after_user", "start_ms_after_user", "end_rows_after_user",
-           "end_ms_after_user", "reaction_exact", "reaction_rows", "tool_used", "talk_while_tool")
+__all__ = ["evaluate", "summarize", "held_out_examples", "is_skills_model", "layout_of", "Layout", "Episode",
+           "run_episodes"]
 TOOLS = ("live", "scripted")
 
 Pushes = dict[int, list[tuple[str, list[int]]]]  # row -> (stream, tokens) to push before building it
@@ -69,18 +56,19 @@ Pushes = dict[int, list[tuple[str, list[int]]]]  # row -> (stream, tokens) to pu
 
 @dataclass
 class Episode:
-    """One example being decoded."""
+    """One session being decoded."""
 
     key: str
     max_rows: int
-    end_stream: str
-    user_end: int  # row of the user's last input token
     pushes: Pushes
-    on_row: Callable[["Episode", int, list[int]], None] | None = None  # may schedule pushes
+    turns: list[dict]  # per task: user_end (row of its last user token) and, sequential, its turn's rows
+    on_row: Callable[["Episode", int, list[int]], None] | None = None  # may schedule pushes or end it
     rows: list[list[int]] = field(default_factory=list)  # [R][C] tokens as decoded
     times: list[float] = field(default_factory=list)  # perf_counter after the step of each row
     tool: list[dict] = field(default_factory=list)  # calls made: call/result text, rows
-    reference_tool: tuple[str, int | None] = ("", None)  # the reference's tool result and its first row
+    done: bool = False  # the sequential transcript finished its last turn
+    current: int = 0  # sequential: the turn being answered
+    reference_tool: Callable[[dict], tuple[str, int | None]] | None = None  # scripted tool: a call's result, row
 
 
 def run_episodes(model, episodes: list[Episode], batch_sessions: int,
@@ -96,7 +84,7 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int,
         while waiting or decoder.sessions:
             while waiting and len(decoder.sessions) < batch_sessions:
                 ep = waiting.popleft()
-                decoder.open(ep.key, stop=StopRules(max_new_rows=ep.max_rows, end_streams=(ep.end_stream,)))
+                decoder.open(ep.key, stop=StopRules(max_new_rows=ep.max_rows, end_streams=()))
                 open_[ep.key] = ep
             for key in decoder.sessions:
                 ep = open_[key]
@@ -110,17 +98,22 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int,
                 ep.times.append(now)
                 if ep.on_row is not None:
                     ep.on_row(ep, len(ep.rows) - 1, row.tokens)
+                if ep.done and row.session in decoder.sessions:
+                    decoder.close(row.session)
             if progress is not None:
                 progress(len(episodes) - len(waiting) - len(decoder.sessions))
 
 
-# ---- the held-out examples and the two layouts ---------------------------------------------
+# ---- the held-out sessions and the two layouts ---------------------------------------------
 def held_out_examples(cfg, tokenizer) -> list[Example]:
-    """The same examples for every model: `cfg.examples_per_task` per task of `cfg.tasks` (default
-    all), drawn as stream tables with `cfg.seed` (SkillEvalConfig or EvalConfig)."""
+    """The same sessions for every model (SkillEvalConfig or EvalConfig): `cfg.examples_per_task`
+    sessions per task of `cfg.tasks` (default all) and condition, drawn with `cfg.seed` and
+    `cfg.session`; with `cfg.session` null, `cfg.examples_per_task` single tasks from row 0."""
     tasks = tuple(cfg.tasks or TASKS)
-    return generate_examples(cfg.examples_per_task * len(tasks), cfg.seed, SKILL_STREAMS.bind(tokenizer),
-                             encoder(tokenizer), tasks)
+    schema, encode = SKILL_STREAMS.bind(tokenizer), encoder(tokenizer)
+    if cfg.session is None:
+        return generate_examples(cfg.examples_per_task * len(tasks), cfg.seed, schema, encode, tasks)
+    return targeted_sessions(cfg.examples_per_task, cfg.seed, schema, encode, cfg.session, tasks)
 
 
 def is_skills_model(schema) -> bool:
@@ -143,7 +136,7 @@ def layout_of(schema) -> str:
 
 
 class Layout:
-    """What differs between the two layouts: building an episode, the tool, reading the answer."""
+    """What differs between the two layouts: building an episode, the tool, reading the answers."""
 
     def __init__(self, schema, tokenizer, tool: str = "live", force_outputs: bool = False):
         if tool not in TOOLS:
@@ -153,6 +146,7 @@ class Layout:
         self.kind = layout_of(schema)
         self.silence = schema.silence_id
         self.end_id = schema.end_ids()["output" if self.kind == "streams" else schema.names[0]]
+        self.outputs = [i for i, s in enumerate(schema.streams) if s.role == "output"]
         if self.kind == "sequential":
             self.label = {s: self._one_token(f"{s}:") for s in ("tool_call", "tool", "output")}
 
@@ -168,33 +162,79 @@ class Layout:
     # ---- episodes ----------------------------------------------------------------------
     def episode(self, key: str, example: Example, slack_rows: int) -> Episode:
         if self.kind == "streams":
-            return self._streams_episode(key, example, slack_rows)
-        text = self.schema.names[0]
-        prompt = self.encode(sequential_text({"user": example.meta["parts"]["user"]}))
-        full = self.encode(sequential_text(example))
-        pushed = full if self.force_outputs else prompt
-        ep = Episode(key, len(full) + slack_rows, text, len(prompt) - 1, {0: [(text, pushed)]}, self._sequence_tool)
-        ep.reference_tool = (example.meta["parts"].get("tool", ""), None)
+            ep = self._streams_episode(key, example, slack_rows)
+        else:
+            ep = self._sequential_episode(key, example, slack_rows)
+        ep.reference_tool = reference_tool(example, self)
         return ep
 
     def _streams_episode(self, key: str, example: Example, slack_rows: int) -> Episode:
-        inputs, pushes = example.meta["inputs"], {}
-        for stream, cells in inputs.items():
+        pushes: Pushes = {}
+        for stream, cells in example.meta["inputs"].items():
             if stream != "tool" or self.tool == "scripted":  # a live tool answers what the model calls
                 for row, tok in cells:
                     pushes.setdefault(int(row), []).append((stream, [int(tok)]))
-        if self.force_outputs:
-            for s, spec in enumerate(self.schema.streams):
-                if spec.role == "output":
-                    for row, tok in enumerate(example.rows[:, s]):
-                        pushes.setdefault(row, []).append((spec.name, [int(tok)]))
-        user_end = max(int(r) for r, _ in inputs["user"])
-        ep = Episode(key, example.num_rows + slack_rows, "output", user_end, pushes, self._stream_tool)
-        tool_rows = [int(r) for r, _ in inputs.get("tool", [])]
-        ep.reference_tool = (example.meta["parts"].get("tool", ""), min(tool_rows) if tool_rows else None)
-        return ep
+        if self.force_outputs:  # the reference, then silence for the slack rows
+            for s in self.outputs:
+                for row in range(example.num_rows + slack_rows):
+                    tok = int(example.rows[row, s]) if row < example.num_rows else self.silence
+                    pushes.setdefault(row, []).append((self.schema.names[s], [tok]))
+        turns = [{"user_end": t["user_end"]} for t in example.meta["tasks"]]
+        return Episode(key, example.num_rows + slack_rows, pushes, turns, self._stream_tool)
 
-    # ---- the tool ----------------------------------------------------------------------
+    def _sequential_episode(self, key: str, example: Example, slack_rows: int) -> Episode:
+        """Turn k's question is pushed once turn k-1 ended (teacher forcing: the whole transcript at row 0)."""
+        turns = []
+        for k, task in enumerate(example.meta["tasks"]):
+            space = " " if k else ""
+            full = self.encode(space + sequential_turn(task))
+            prompt = self.encode(space + sequential_turn({**task, "parts": {"user": task["parts"]["user"]}}))
+            turns.append({"prompt": prompt, "full": full, "budget": len(full) + slack_rows})
+        text = self.schema.names[0]
+        if self.force_outputs:
+            start, pushed = 0, []
+            for turn in turns:
+                turn["start"], turn["user_end"] = start, start + len(turn["prompt"]) - 1
+                start += len(turn["full"])
+                pushed += turn["full"]
+            turns[0]["pushed"] = pushed
+        else:
+            turns[0]["start"], turns[0]["user_end"] = 0, len(turns[0]["prompt"]) - 1
+        max_rows = sum(t["budget"] for t in turns)
+        return Episode(key, max_rows, {0: [(text, turns[0].get("pushed", turns[0]["prompt"]))]}, turns,
+                       self._sequence_row)
+
+    # ---- sequential turns and the tool ------------------------------------------------------
+    def _sequence_row(self, ep: Episode, row: int, tokens: list[int]) -> None:
+        turn = ep.turns[ep.current]
+        if row <= turn["user_end"]:
+            return
+        self._sequence_tool(ep, row, tokens)
+        if tokens[0] != self.end_id and row - turn["start"] + 1 < turn["budget"]:
+            return
+        turn["closed_row"] = row
+        if ep.current + 1 == len(ep.turns):
+            ep.done = True
+            return
+        ep.current += 1
+        nxt = ep.turns[ep.current]
+        if self.force_outputs:
+            return
+        nxt["start"], nxt["user_end"] = row + 1, row + len(nxt["prompt"])
+        ep.pushes.setdefault(row + 1, []).append((self.schema.names[0], nxt["prompt"]))
+
+    def _sequence_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
+        """A call is the text between the model's `tool_call:` and its `tool:`."""
+        if tokens[0] != self.label["tool"]:
+            return
+        col = [r[0] for r in ep.rows]
+        begin = ep.turns[ep.current]["user_end"] + 1
+        starts = [i for i in range(begin, row) if col[i] == self.label["tool_call"]]
+        first = starts[-1] + 1 if starts else row
+        call = {"first_row": first, "last_row": row - 1, "ids": col[first:row], "turn": ep.current}
+        ep.tool.append(call)
+        self._answer(ep, call, self.schema.names[0], row + 1)
+
     def _stream_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
         """A call is the tool_call stream's text up to its first silent cell after it."""
         tok = tokens[self.schema.index("tool_call")]
@@ -207,103 +247,41 @@ class Layout:
         elif pending is not None:
             self._answer(ep, pending, "tool", pending["last_row"] + TOOL_DELAY)
 
-    def _sequence_tool(self, ep: Episode, row: int, tokens: list[int]) -> None:
-        """A call is the text between the model's `tool_call:` and its `tool:`."""
-        if tokens[0] != self.label["tool"] or row <= ep.user_end:
-            return
-        col = [r[0] for r in ep.rows]
-        starts = [i for i, t in enumerate(col[:row]) if t == self.label["tool_call"]]
-        first = starts[-1] + 1 if starts else row
-        call = {"first_row": first, "last_row": row - 1, "ids": col[first:row]}
-        ep.tool.append(call)
-        self._answer(ep, call, self.schema.names[0], row + 1)
-
     def _answer(self, ep: Episode, call: dict, stream: str, at_row: int) -> None:
         """Answer a finished call: live, the tool's result at `at_row`; scripted, the reference's
-        (streams: at its own rows, already scheduled). Teacher-forced sequential text holds it."""
+        (streams: already scheduled at its own rows). Teacher-forced sequential text holds it."""
         call["call"] = self.text(call.pop("ids"))
         if self.tool == "live":
             call["result"], call["result_row"] = run_call(call["call"]), at_row
         else:
-            result, row = ep.reference_tool
-            call["result"], call["result_row"] = result, row if self.kind == "streams" else at_row
+            call["result"], call["result_row"] = ep.reference_tool(call)
         scheduled = (self.kind == "streams" and self.tool == "scripted") or (
             self.kind == "sequential" and self.force_outputs)
         if not scheduled:
             ep.pushes.setdefault(at_row, []).append((stream, self.encode(call["result"])))
 
-    # ---- reading the answer ------------------------------------------------------------
-    def answer(self, ep: Episode, example: Example) -> tuple[list[int], list[int], list[int]]:
-        """(answer tokens, the row of each, reference answer tokens): the output stream's
-        non-silent cells / what follows the model's first `output:` label; end token included."""
-        rows = np.asarray(ep.rows, dtype=np.int64).reshape(len(ep.rows), -1)
-        if self.kind == "streams":
-            col = rows[:, self.schema.index("output")]
-            at = [int(i) for i in np.flatnonzero(col != self.silence)]
-            return [int(col[i]) for i in at], at, [int(t) for t in example.meta["answer"]]
-        col = [int(t) for t in rows[:, 0]]
-        ref = self.encode(sequential_text(example))
-        reference = ref[ref.index(self.label["output"]) + 1:]
-        labels = [i for i in range(ep.user_end + 1, len(col)) if col[i] == self.label["output"]]
-        at = list(range(labels[0] + 1, len(col))) if labels else []
-        return [col[i] for i in at], at, reference
 
+def reference_tool(example: Example, layout: Layout) -> Callable[[dict], tuple[str, int | None]]:
+    """Scripted tool: the reference result of the task the call belongs to, and (streams) its row."""
+    tasks = example.meta["tasks"]
+    tool_rows = [int(r) for r, _ in example.meta["inputs"].get("tool", [])] if layout.kind == "streams" else []
 
-# ---- scoring ------------------------------------------------------------------------------
-def score(layout: Layout, ep: Episode, example: Example) -> dict:
-    """One record (plain values: JSON and pickle): exactness, timings from the user's last
-    token (rows, ms), the tool calls made, and the behaviours only streams can show."""
-    meta, user_end = example.meta, ep.user_end
-    got, at, reference = layout.answer(ep, example)
-    exact = got == reference
-    first = at[0] if at else None
-    end_row = at[got.index(layout.end_id)] if layout.end_id in got else None
-
-    def ms(row):
-        if row is None or user_end >= len(ep.times):  # ended before the user finished: rows only
-            return None
-        return 1000 * (ep.times[row] - ep.times[user_end])
-
-    rec = {
-        "id": example.id, "task": meta["task"], "layout": layout.kind, "tool": layout.tool, "exact": exact,
-        "answer": layout.text(got), "reference": layout.text(reference),
-        "start_rows_after_user": None if first is None else first - user_end, "start_ms_after_user": ms(first),
-        "end_rows_after_user": end_row - user_end if exact else None,
-        "end_ms_after_user": ms(end_row) if exact else None,
-        "rows": len(ep.rows), "tool_calls": [tool_call(layout, c) for c in ep.tool],
-    }
-    if meta["task"] == "count_stop" and "stop" in meta["parts"]["user"].split():
-        # `stop` is the user's last word: rows from it to the end of the answer, and whether
-        # the count stopped exactly where it had to
-        rec["reaction_exact"] = exact
-        rec["reaction_rows"] = None if end_row is None else end_row - user_end
-    if meta["task"] == "tool_call":
-        calls = [c for c in rec["tool_calls"] if "result" in c]  # finished calls
-        call = calls[0] if calls else None
-        words = rec["answer"].split()
-        rec["tool_used"] = bool(call) and len(words) >= 2 and words[-2] == call["result"]
-        # an answer token written while the tool worked (from the call's first token until the
-        # result arrives): talking while acting
-        rec["talk_while_tool"] = call is not None and call["result_row"] is not None and any(
-            call["first_row"] <= r <= call["result_row"] for r in at)
-    return rec
-
-
-def tool_call(layout: Layout, call: dict) -> dict:
-    """A call as recorded: text, result, rows; one still being written when the session ended
-    has its text so far and no result."""
-    call = dict(call)
-    if "ids" in call:
-        call["call"] = layout.text(call.pop("ids"))
-    return call
+    def lookup(call: dict) -> tuple[str, int | None]:
+        if layout.kind == "sequential":
+            return tasks[call["turn"]]["parts"].get("tool", ""), call["last_row"] + 2
+        k = max([i for i, t in enumerate(tasks) if t["window"][0] <= call["first_row"]], default=0)
+        lo, hi = tasks[k]["window"]
+        rows = [r for r in tool_rows if lo <= r < hi]
+        return tasks[k]["parts"].get("tool", ""), min(rows) if rows else None
+    return lookup
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, batch_sessions: int = 1, slack_rows: int = 8,
              tool: str = "live", force_outputs: bool = False, progress: bool = False) -> list[dict]:
-    """Decode and score `examples` with a streams or a sequential skills model; one record each
-    (plain values: the training loop all_gathers them across ranks). No examples: no records.
-    progress: show examples done / total, rate and ETA on stderr (a bar on a terminal, else a
-    line every 30 s and one at the end). The model's training mode is restored."""
+    """Decode and score sessions (or single tasks) with a streams or a sequential skills model; one
+    record per task (plain values: the training loop all_gathers them across ranks). No examples:
+    no records. progress: show sessions done / total, rate and ETA on stderr (a bar on a terminal,
+    else a line every 30 s and one at the end). The model's training mode is restored."""
     layout = Layout(model.schema, tokenizer, tool, force_outputs)
     if not examples:
         return []
@@ -316,32 +294,4 @@ def evaluate(model, tokenizer, examples: list[Example], *, batch_sessions: int =
         model.train(was_training)
         if shown:
             shown.close()
-    return [score(layout, ep, ex) for ep, ex in zip(episodes, examples)]
-
-
-# ---- summaries ----------------------------------------------------------------------------
-def mean(values) -> float:
-    """The mean of the values that are not None (exactly rounded: the same in any order); NaN for none."""
-    values = [float(v) for v in values if v is not None]
-    return math.fsum(values) / len(values) if values else math.nan
-
-
-def task_order(tasks) -> list[str]:
-    """The built-in tasks in their own order, then any others as they came; "all" left out."""
-    seen = [t for t in dict.fromkeys(tasks) if t != "all"]
-    return [t for t in TASKS if t in seen] + [t for t in seen if t not in TASKS]
-
-
-def summarize(records: list[dict]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} plus "all" (metrics: SUMMARY, defined in the module docstring);
-    a behaviour's mean is over the records that have it. Records in any order (e.g. gathered
-    from several ranks) give the same summary."""
-    out = {}
-    for task in [*task_order(r["task"] for r in records), "all"]:
-        group = [r for r in records if task in ("all", r["task"])]
-        m = {"n": len(group), "accuracy": mean(r["exact"] for r in group),
-             "no_answer": mean(r["start_rows_after_user"] is None for r in group)}
-        for key in SUMMARY[3:]:
-            m[key] = mean(r.get(key) for r in group)
-        out[task] = m
-    return out
+    return [record for ep, ex in zip(episodes, examples) for record in score_session(layout, ep, ex)]

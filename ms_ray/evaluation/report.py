@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from .harness import task_order
+from ..data.skill_sessions import CONDITIONS
+from .scoring import summary_order, task_order
 
 # (metric, column title, format, scale)
 COLUMNS = (
@@ -22,6 +23,7 @@ COLUMNS = (
     ("end_rows_after_user", "end of answer, rows", "+.1f", 1),
     ("end_ms_after_user", "end of answer, ms", "+.1f", 1),
     ("no_answer", "no answer %", ".1f", 100),
+    ("quiet_after_end", "silent after end %", ".1f", 100),
 )
 BEHAVIOURS = (  # (task, metric, what it shows, format, scale)
     ("count_stop", "reaction_exact", "count ends exactly where the mid-answer `stop` fell, % (stopped examples)",
@@ -31,7 +33,9 @@ BEHAVIOURS = (  # (task, metric, what it shows, format, scale)
     ("tool_call", "talk_while_tool", "answer words written while the tool was working, % of examples", ".1f", 100),
 )
 TIMING = ("Rows and ms are counted from the row of the user's last input token (negative: before the user "
-          "finished); end of answer: exact answers only.")
+          "finished); end of answer: exact answers only. Conditions: row0 = the session's first question at row 0, "
+          "after_silence = first question after silent rows, later = asked after an earlier answer ended, "
+          "mid_answer = asked while a count was still running.")
 PREFIX = "skills"  # flat keys of one model: skills/<task>/<metric>
 
 
@@ -44,18 +48,38 @@ def number(value, fmt: str, scale: float = 1) -> str:
     return format(0.0, fmt) if float(text) == 0 else text
 
 
-def format_tables(summaries: dict[str, dict]) -> str:
-    """Markdown: one line per task ("all" last), then the behaviours table."""
+def condition_table(summaries: dict[str, dict]) -> list[str]:
+    """Markdown lines: exact match % per task (rows) and condition (columns), "any" last; none when
+    the summaries hold no conditions."""
     labels = list(summaries)
     first = summaries[labels[0]]
-    tasks = task_order(first) + (["all"] if "all" in first else [])
+    conditions = [c for c in CONDITIONS if any(key.endswith("@" + c) for key in first)]
+    if not conditions:
+        return []
+    lines = ["| exact match % | " + " | ".join(conditions) + " | any |", "|---|" + "---:|" * (len(conditions) + 1)]
+    for task in [t for t in task_order(first) if "@" not in t] + ["all"]:
+        keys = [f"{task}@{c}" for c in conditions] + [task]
+        cells = [" / ".join(number(summaries[lb].get(key, {}).get("accuracy"), ".1f", 100) for lb in labels)
+                 for key in keys]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def format_tables(summaries: dict[str, dict]) -> str:
+    """Markdown: exact match per task and condition, then one line per task and per task and condition
+    ("all" last), then the behaviours table."""
+    labels = list(summaries)
+    first = summaries[labels[0]]
+    tasks = summary_order(first)
     lines = [("" if len(labels) == 1 else f"Cells read {' / '.join(labels)}. ") + TIMING, "",
-             f"| task | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
-             "|---|---:|" + "---:|" * len(COLUMNS)]
+             *condition_table(summaries),
+             f"| task | condition | n | {' | '.join(title for _, title, _, _ in COLUMNS)} |",
+             "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for task in tasks:
         cells = [" / ".join(number(summaries[lb].get(task, {}).get(key), fmt, scale) for lb in labels)
                  for key, _, fmt, scale in COLUMNS]
-        lines.append(f"| {task} | {first[task]['n']:.0f} | " + " | ".join(cells) + " |")
+        name, _, condition = task.partition("@")
+        lines.append(f"| {name} | {condition or 'any'} | {first[task]['n']:.0f} | " + " | ".join(cells) + " |")
     behaviours = [(task, key, what, fmt, scale) for task, key, what, fmt, scale in BEHAVIOURS if task in first]
     if behaviours:
         lines += ["", f"| behaviour | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
@@ -80,7 +104,7 @@ def skill_table(metrics: dict, label: str = "model", prefix: str = PREFIX) -> st
         parts = key.split("/")
         if len(parts) == 3 and parts[0] == prefix:
             summary.setdefault(parts[1], {})[parts[2]] = value
-    tasks = [t for t in task_order(summary) if "n" in summary[t]] + (["all"] if "n" in summary.get("all", {}) else [])
+    tasks = [t for t in summary_order(summary) if "n" in summary[t]]
     if not tasks:
         return ""
     return format_tables({label: {t: summary[t] for t in tasks}})
@@ -95,7 +119,7 @@ def plot(summaries: dict[str, dict], out_dir: Path) -> list[Path]:
     import numpy as np
 
     labels = list(summaries)
-    tasks = [t for t in summaries[labels[0]] if t != "all"]
+    tasks = [t for t in summaries[labels[0]] if t != "all" and "@" not in t]
     x, width = np.arange(len(tasks)), 0.8 / len(labels)
     figures = {
         "accuracy.png": ("Exact match on held-out examples", [("accuracy", "exact match %", 100, ".0f")]),

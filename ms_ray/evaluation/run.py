@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..core.loading import load_export
 from ..tracking import log_report
-from .harness import SUMMARY, evaluate, held_out_examples, layout_of, summarize
+from .harness import evaluate, held_out_examples, layout_of
 from .report import flat_metrics, write_report
+from .scoring import SUMMARY, summarize
 
 __all__ = ["held_out_examples", "score_checkpoint", "publish", "eval_checkpoint"]
 
@@ -18,9 +19,11 @@ def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
     what to say about it (layout, streams, parameters, tool, seconds)."""
     model, tokenizer = load_export(checkpoint, dtype="float32")  # scored in fp32 on any device
     started = time.perf_counter()
-    records = evaluate(model, tokenizer, held_out_examples(cfg, tokenizer), batch_sessions=cfg.batch_sessions,
-                       slack_rows=cfg.slack_rows, tool=cfg.tool, progress=True)
+    examples = held_out_examples(cfg, tokenizer)
+    records = evaluate(model, tokenizer, examples, batch_sessions=cfg.batch_sessions, slack_rows=cfg.slack_rows,
+                       tool=cfg.tool, progress=True)
     info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,
+            "sessions": len(examples),
             "parameters": sum(p.numel() for p in model.parameters()), "tool": cfg.tool,
             "eval_seconds": time.perf_counter() - started}
     return records, info
@@ -50,7 +53,8 @@ def eval_checkpoint(cfg) -> dict:
     label = info["layout"]
     summaries = {label: summarize(records)}
     notes = (f"{info['checkpoint']}: {info['parameters']:,} parameters, streams {info['streams']}; "
-             f"{len(records)} held-out examples (seed {cfg.eval.seed}), {cfg.eval.tool} tool, decoded in "
+             f"{len(records)} held-out tasks in {info['sessions']} sessions (seed {cfg.eval.seed}), {cfg.eval.tool} "
+             "tool, decoded in "
              f"{info['eval_seconds']:.0f} s with {cfg.eval.batch_sessions} session(s) at a time.")
     publish(cfg, out, f"ms-ray eval: {label} model", summaries, {label: records}, notes, info)
     return summaries[label]

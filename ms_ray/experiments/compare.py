@@ -80,7 +80,8 @@ def compare(cfg) -> dict:
         "is trained on every token, the user's too (its loss includes unpredictable user words); it "
         "gets the tool's answer one row sooner than the streams model. A streams row holds one token per "
         "stream, so it costs more than a sequential row: compare rows for the rule, ms for this machine.",
-        "", f"{len(records['streams'])} held-out examples (seed {cfg.eval.seed}) per model, "
+        "", f"{len(records['streams'])} held-out tasks in {info['streams']['sessions']} sessions (seed "
+            f"{cfg.eval.seed}) per model, "
             f"{cfg.eval.batch_sessions} session(s) at a time; whole comparison {total / 60:.1f} min.",
     ])
     extra = {"budget": budget, "models": info, "total_s": total}

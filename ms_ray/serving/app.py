@@ -40,7 +40,7 @@ def engine_settings(cfg: ServeConfig, tools: bool) -> EngineSettings:
         sampling={k: v.build() for k, v in s.sampling.items()},
         tool_call_stream=cfg.tools.call_stream if tools else None,
         tool_result_stream=cfg.tools.result_stream if tools else None,
-        tool_timeout_s=cfg.tools.timeout_s, seed=s.seed,
+        tool_timeout_s=cfg.tools.timeout_s, tool_delay_rows=cfg.tools.delay_rows, seed=s.seed,
     )
 
 

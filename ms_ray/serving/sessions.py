@@ -46,6 +46,7 @@ class EngineSettings:
     tool_call_stream: str | None = "tool_call"  # None: no tool wiring
     tool_result_stream: str | None = "tool"
     tool_timeout_s: float = 10.0
+    tool_delay_rows: int = 3  # the result enters the tool stream no sooner than this after the call's last token
     seed: int = 0
 
 
@@ -83,8 +84,9 @@ class LiveSession:
     backlog: deque  # recent row events, for late subscribers
     subscribers: list[Subscriber] = field(default_factory=list)
     inbox: list[tuple[str, list[int]]] = field(default_factory=list)  # appends not yet in the decoder
-    quiet: set[int] = field(default_factory=set)  # output streams that ended their turn, silent until input
     call_tokens: list[int] = field(default_factory=list)  # the tool call being written
+    rows: int = 0  # rows published: the next step builds row `rows`
+    scheduled: list[tuple[int, str, list[int]]] = field(default_factory=list)  # (row, stream, ids): tool results
     tool_tasks: set = field(default_factory=set)
     last_seen: float = field(default_factory=time.monotonic)
     end: dict | None = None  # the end event, once ended
@@ -100,8 +102,6 @@ class SessionEngine:
         self.sessions: dict[str, LiveSession] = {}
         self.lock = asyncio.Lock()  # the decoder is touched by one coroutine (or the step thread) at a time
         self.loop_task: asyncio.Task | None = None
-        ends = self.schema.end_ids()
-        self.end_ids = {self.schema.index(n): (t,) for n, t in ends.items() if self.schema.role(n) == "output"}
         self.ended: dict[str, LiveSession] = {}  # recently ended: late subscribers get the backlog and the end
         self.control_ids = set(self.schema.token_ids.values()) if self.schema.token_ids else set()
         self.unknown = tokenizer.unk_token_id
@@ -123,8 +123,10 @@ class SessionEngine:
         inputs [(stream, text, force)] are queued before its first row."""
         sid = new_session_id(self.replica)
         end = self.settings.end_on_end_token if end_on_end_token is None else end_on_end_token
-        stop = StopRules(min(max_rows or self.settings.max_rows, self.settings.max_rows), None if end else (),
-                         self.settings.silent_rows)
+        # quiet_after_end: the decoder keeps an ended stream silent until the next input re-opens it
+        quiet = self.settings.quiet_after_end and not end
+        stop = StopRules(min(max_rows or self.settings.max_rows, self.settings.max_rows),
+                         None if end or quiet else (), self.settings.silent_rows, reopen_on_input=quiet)
         async with self.lock:  # checked under the lock: two opens waiting for a step cannot both pass
             if len(self.sessions) >= self.settings.max_sessions:
                 raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.settings.max_sessions} "
@@ -144,9 +146,10 @@ class SessionEngine:
             self.loop_task = asyncio.get_running_loop().create_task(self._run())
         return {"id": sid, "streams": self.describe()}
 
-    def append(self, session_id: str, stream: str, text: str, force: bool = False) -> dict:
+    def append(self, session_id: str, stream: str, text: str, force: bool = False, at_row: int | None = None) -> dict:
         """Queue `text` on an input stream; one token goes in per row, in order of arrival.
-        force=True also takes an output stream: its tokens replace what the model would write."""
+        force=True also takes an output stream: its tokens replace what the model would write.
+        at_row: not before that row (a tool's result, timed as in training)."""
         session = self._live(session_id)
         if stream not in self.schema.names:
             raise ServeError("unknown_stream", f"no stream {stream!r}; this model's streams are {self.schema.names}")
@@ -163,9 +166,10 @@ class SessionEngine:
         if not force:  # a word-level vocabulary still maps a typed "<|end|>" to the control token: unknown instead
             ids = [self.unknown if t in self.control_ids else t for t in ids]
             ids = [t for t in ids if t is not None]
-        session.inbox.append((stream, ids))
-        if ids and not force:
-            session.quiet.clear()  # new input: the model may speak again
+        if at_row is None:
+            session.inbox.append((stream, ids))
+        else:
+            session.scheduled.append((at_row, stream, ids))
         session.last_seen = time.monotonic()
         queued = sum(len(t) for s, t in session.inbox if s == stream)
         return {"session": session_id, "stream": stream, "tokens": len(ids), "queued": queued}
@@ -228,10 +232,9 @@ class SessionEngine:
                     for stream, ids in session.inbox:
                         self.decoder.push(session.id, stream, ids)
                     session.inbox.clear()
-                    pending = self.decoder.pending(session.id) if session.quiet else ()
-                    for s in session.quiet:
-                        if not pending[s]:  # force this row's cell silent
-                            self.decoder.push(session.id, self.schema.names[s], [self.decoder.silence])
+                    for item in [item for item in session.scheduled if item[0] <= session.rows]:
+                        session.scheduled.remove(item)
+                        self.decoder.push(session.id, item[1], item[2])
                 try:
                     rows = await asyncio.to_thread(self.decoder.step)
                 except Exception as e:  # tell every client, then let the health check replace this replica
@@ -251,10 +254,9 @@ class SessionEngine:
         if session is None:  # closed while the step ran
             return
         self.rows_total += 1
+        session.rows = row.row + 1
         cells = {}
         for s, (name, token) in enumerate(zip(self.schema.names, row.tokens)):
-            if token in self.end_ids.get(s, ()) and self.settings.quiet_after_end:
-                session.quiet.add(s)
             if token != self.decoder.silence:
                 text = session.texts[name].add(token)
                 if text:
@@ -280,11 +282,12 @@ class SessionEngine:
             return
         call = self.tokenizer.decode(session.call_tokens).strip()  # an unknown word stays visible: the tool says so
         session.call_tokens = []
-        task = asyncio.get_running_loop().create_task(self._call_tool(session.id, call))
+        due = session.rows - 2 + self.settings.tool_delay_rows  # the call's last token was at row session.rows - 2
+        task = asyncio.get_running_loop().create_task(self._call_tool(session.id, call, due))
         session.tool_tasks.add(task)
         task.add_done_callback(session.tool_tasks.discard)
 
-    async def _call_tool(self, session_id: str, call: str) -> None:
+    async def _call_tool(self, session_id: str, call: str, due: int) -> None:
         try:
             result = await asyncio.wait_for(self.run_tool(call), self.settings.tool_timeout_s)
         except asyncio.TimeoutError:
@@ -292,7 +295,8 @@ class SessionEngine:
         except Exception as e:  # the model sees the failure in the tool stream, as a tool user would
             result = f"error: {e}"
         if session_id in self.sessions:
-            self.append(session_id, self.settings.tool_result_stream, str(result)[: self.settings.max_append_chars])
+            self.append(session_id, self.settings.tool_result_stream, str(result)[: self.settings.max_append_chars],
+                        at_row=due)
 
     def _expire_idle(self) -> None:
         now = time.monotonic()

@@ -196,3 +196,21 @@ def test_bad_requests_are_named(model):
         decoder.open("z", prefill=[[1, 2]])
     with pytest.raises(KeyError, match="unknown session"):
         decoder.close("x")
+
+
+def test_ended_stream_reopens_on_new_input(model, bound):
+    """reopen_on_input: after its end token an output stream is forced silent only until an input
+    token arrives; the session lives on (no end on end tokens)."""
+    end, silence = bound.end_ids()["output"], bound.silence_id
+    out, user = bound.index("output"), bound.index("user")
+    decoder = RowDecoder(model)
+    talk = Sampling(silence_penalty=1000.0)  # a random model that always speaks when it may
+    sid = decoder.open(sampling={"output": talk}, stop=StopRules(20, end_streams=("output",), reopen_on_input=True))
+    decoder.push(sid, "output", [7, 8, end])
+    rows = [decoder.step()[0] for _ in range(8)]
+    assert [r.tokens[out] for r in rows[:3]] == [7, 8, end] and all(r.done is None for r in rows)
+    assert all(r.tokens[out] == silence for r in rows[3:])  # ended: silent, not closed
+    decoder.push(sid, "user", [9])
+    row = decoder.step()[0]
+    assert row.tokens[user] == 9 and row.tokens[out] not in (silence, end)  # the input re-opened it
+    assert decoder.step()[0].tokens[out] != silence

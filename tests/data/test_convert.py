@@ -56,6 +56,26 @@ def test_multi_turn_turns_follow_each_other(bound, encode):
     assert after.meta["turns"] == [["user", 0, 1], ["output", 2, 5], ["user", 5, 6], ["output", 7, 9]]
 
 
+@pytest.mark.parametrize("policy", ["after_input", "wait_k(2)"])
+def test_session_timing_puts_silence_before_questions_and_after_replies(bound, encode, policy):
+    """With a session, a conversation is timed like a live one: silence before the first question
+    and between a reply and the next question, then after the last reply; each reply keeps its
+    own timing relative to its question. Drawn from the example id: the same id, the same rows."""
+    from ms_ray.config import SkillSessionConfig
+
+    talk = conv(("user", "hello"), ("output", "yes no"), ("user", "maybe"), ("output", "six"))
+    plain = convert(talk, bound, encode, policy, "x#6")
+    shape = SkillSessionConfig(lead_zero=0.0, lead_silence=(3, 9), gap=(2, 6))
+    timed = [convert(talk, bound, encode, policy, f"x#{i}", shape) for i in range(20)]
+    assert convert(talk, bound, encode, policy, "x#0", shape).meta == timed[0].meta
+    for ex in timed:
+        (u1, s1, e1), (o1, os1, oe1), (u2, s2, e2), (o2, os2, oe2) = ex.meta["turns"]
+        assert 3 <= s1 <= 9 and 2 <= s2 - oe1 <= 6  # the leading silence, the gap after a reply
+        assert (os1 - s1, os2 - s2) == (plain.meta["turns"][1][1], plain.meta["turns"][3][1] - plain.meta["turns"][2][1])
+        assert 2 <= ex.num_rows - oe2 <= 6 and not ex.rows[oe2:].any()  # silence after the last reply
+    assert len({ex.meta["turns"][0][1] for ex in timed}) > 1  # the pauses vary
+
+
 def test_bad_turns_are_dropped_with_the_line(bound, encode):
     d = convert(conv(("user", "hello"), ("tool_call", "x")), bound, encode, "after_input", "x#5")
     assert isinstance(d, Dropped) and d.line == 7 and "turns[1]: stream 'tool_call' is not in the schema" in d.reason

@@ -11,6 +11,7 @@ from ms_ray.data.skills import (
     generate,
     generate_examples,
     sequential_text,
+    sequential_turn,
     vocabulary,
 )
 from ms_ray.data.tables import Example, stream_tokens
@@ -94,6 +95,23 @@ def test_meta_answer_and_inputs_reproduce_the_table(sch, examples):
         assert m["input_end_row"] == max(input_rows)
         out_rows = np.nonzero(e.rows[:, sch.index("output")] != sch.silence_id)[0]
         assert m["first_output_row"] == out_rows[0]
+
+
+def test_a_single_example_is_a_one_task_session_from_row_0(sch, tok, examples):
+    """meta["tasks"]: the one description the evaluation scores, for single tasks as for sessions."""
+    end = sch.end_ids()["output"]
+    for e in examples:
+        assert e.meta["kind"] == "task" and len(e.meta["tasks"]) == 1
+        t = e.meta["tasks"][0]
+        user_rows = [r for r, _ in e.meta["inputs"]["user"]]
+        assert (t["task"], t["condition"], t["start"], t["window"]) == (e.meta["task"], "row0", 0, [0, e.num_rows])
+        assert t["user_end"] == max(user_rows) and min(user_rows) == 0
+        assert t["answer"] == e.meta["answer"] and t["parts"] == e.meta["parts"]
+        assert e.rows[t["end_row"], sch.index("output")] == end and t["end_row"] == e.num_rows - 1
+        assert t["stopped"] == (len(user_rows) == 5 and e.meta["task"] == "count_stop") and not t["interrupted"]
+        assert sequential_turn(t) == sequential_text(e)  # nothing was interrupted: the turn is the example
+        assert tok.decode(t["answer"]) == t["parts"]["output"]
+    assert any(e.meta["tasks"][0]["stopped"] for e in examples)
 
 
 def test_wait_k_translates_word_i_at_row_i_plus_2(sch, tok, examples):

@@ -8,7 +8,6 @@ from conftest import check_report_outputs
 
 from ms_ray.config import CompareConfig, ConfigError, PrepareConfig, load_config
 from ms_ray.data.pipeline import prepare
-from ms_ray.data.skills import TASKS
 from ms_ray.experiments.compare import arm_configs, compare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +26,8 @@ def test_compare_refuses_arms_with_different_budgets():
 @pytest.mark.slow
 def test_compare_trains_both_arms_and_reports(ray_local, tmp_path):
     data = {}
-    for arm, source in (("streams", "{kind: skills, examples: 400, shards: 1}"),
-                        ("sequential", "{kind: skills, examples: 400, shards: 1, rendering: sequential}")):
+    for arm, source in (("streams", "{kind: skills, examples: 200, shards: 1, session: {}}"),
+                        ("sequential", "{kind: skills, examples: 200, shards: 1, session: {}, rendering: sequential}")):
         config = "jobs/data-skills.yaml" if arm == "streams" else "jobs/data-skills-sequential.yaml"
         data[arm] = tmp_path / "data" / arm
         prepare(load_config(PrepareConfig, ROOT / config, [f"output={data[arm]}", f"sources=[{source}]"]))
@@ -43,10 +42,10 @@ def test_compare_trains_both_arms_and_reports(ray_local, tmp_path):
     ])
     summaries = compare(cfg)
     assert set(summaries) == {"streams", "sequential"}
-    summary = check_report_outputs(out, ["streams", "sequential"], 3 * len(TASKS))
+    summary = check_report_outputs(out, ["streams", "sequential"], 3 * 15)  # 3 sessions per task and condition
     for arm in ("streams", "sequential"):
         assert (out / "train" / arm / "export" / "model.safetensors").exists()
-        assert summary["budget"][arm]["steps"] == 6 and summary["budget"][arm]["tokens_per_pack"] == 320
+        assert summary["budget"][arm]["steps"] == 6 and summary["budget"][arm]["tokens_per_pack"] == 640
     assert summary["models"]["streams"]["streams"] == ["user", "think", "output", "tool", "tool_call"]
     assert summary["models"]["sequential"]["streams"] == ["text"]
     assert "tokens per step" in (out / "report.md").read_text()

@@ -686,6 +686,24 @@ def test_tool_call_result_comes_back_while_rows_go_on(skill_model, tok):
     run(main())
 
 
+@pytest.mark.parametrize("delay", [2, 3, 5])
+def test_a_quick_tool_answers_exactly_delay_rows_after_the_call(skill_model, tok, delay):
+    """The result enters the tool stream `tool_delay_rows` after the call's last token, as the skills
+    model was trained (data/skills.TOOL_DELAY = 3), however much sooner the tool answered."""
+    async def calculator(call):
+        return run_call(call)
+
+    async def main():
+        settings = EngineSettings(row_interval_s=0.02, sampling={"tool_call": MUTE}, tool_delay_rows=delay)
+        engine = SessionEngine(skill_model, tok, settings, run_tool=calculator)
+        sid = (await engine.open(max_rows=16))["id"]
+        engine.append(sid, "tool_call", "mul 6 7", force=True)  # rows 0-2, silent at row 3
+        rows = check_rows(await read(engine, sid))
+        assert [r["row"] for r in rows if "tool" in r["cells"]] == [2 + delay]
+
+    run(main())
+
+
 @pytest.mark.parametrize("mode", ["raises", "times_out"])
 def test_tool_failure_is_written_to_the_tool_stream(bpe_model, bpe, mode):
     expected = {"raises": "error: boom", "times_out": "error: tool timed out after 0.05 s"}[mode]

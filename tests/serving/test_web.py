@@ -1,7 +1,10 @@
 """The web page (ms_ray/serving/web/) end to end: a live `ms-ray serve` process (the shipped
 serve/local.yaml, a tiny random model, 127.0.0.1) and Debian's headless Chromium driven by
-selenium + chromedriver (`make test` installs both). A person's actions: type into the page key by
-key, watch the rows arrive in their columns, see the error for a bad key, watch as a monitor.
+selenium + chromedriver (`make test` installs both). A person's actions: press Connect, type into
+the page key by key and press Enter (or tick "send words as I type"), watch the rows arrive in their
+columns, see the error for a bad key, watch as a monitor. And the short-trained skills model
+(conftest.skills_export) in its own server at the shipped row clock, answering two questions
+typed into the page, checked exactly from its output column.
 
 Also a script that makes the README's screenshot with the trained model:
     .venv/bin/python tests/serving/test_web.py [runs/train/tiny/export] [docs/web.png]
@@ -10,9 +13,6 @@ Also a script that makes the README's screenshot with the trained model:
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,12 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ms_ray.serving.client import wait_ready
+try:
+    from serve_process import MONITOR_KEY, start_serve, stop_serve
+except ImportError:  # run as the screenshot script: tests/ (pytest's rootdir for conftest) is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from serve_process import MONITOR_KEY, start_serve, stop_serve
 
-pytestmark = pytest.mark.slow  # one `ms-ray serve` start (~30-60 s) for the module
+pytestmark = pytest.mark.slow  # two `ms-ray serve` starts (~30-60 s each), and skills_export (~3 min)
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-MONITOR_KEY = "web-test-monitor-key"  # serve/local.yaml reads it from MS_RAY_MONITOR_KEY
 CHROMIUM_FLAGS = [  # as root, headless, and quiet on a closed network (no background connections)
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -38,41 +41,6 @@ RANDOM_MODEL = ["session.sampling.output.silence_penalty=10000", "session.sampli
 
 
 # ---- helpers (the tests and the screenshot script) ------------------------------------------
-def start_serve(checkpoint, overrides: list[str], log: Path):
-    """`ms-ray serve checkpoint=PATH` (serve/local.yaml) on a free port of 127.0.0.1, in its own
-    process group; returns (process, base URL) once it is ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(MS_RAY_MONITOR_KEY=MONITOR_KEY, MS_RAY_OPERATOR_KEY="", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ms_ray.cli", "serve", f"checkpoint={checkpoint}", f"port={port}", "log_level=WARNING",
-         "model.num_cpus=0", *overrides],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, 240)
-    except TimeoutError:
-        stop_serve(proc)
-        raise AssertionError(f"ms-ray serve was not ready in 240 s:\n{log.read_text()[-3000:]}") from None
-    return proc, url
-
-
-def stop_serve(proc) -> None:
-    """Ctrl-C (a clean Serve shutdown), then SIGKILL to its process group if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            pass
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-
-
 def chromium(user_data_dir: str):
     """Headless Debian Chromium under selenium, with Debian's chromedriver (nothing downloaded)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
@@ -108,6 +76,7 @@ return {
   composer: !document.getElementById('composer').hidden,
   readonly: !document.getElementById('readonly').hidden,
   say: document.getElementById('say').value,
+  pending: text(document.getElementById('pending')),
 };
 """
 
@@ -171,30 +140,69 @@ def browser(tmp_path_factory):
 
 
 # ---- tests -----------------------------------------------------------------------------------
-def test_page_typing_goes_into_the_user_stream_while_rows_arrive(served, browser):
+# First in the module: its own server (the trained model) stops before `served` starts.
+def test_trained_model_answers_questions_typed_into_the_page(skills_export, browser, tmp_path):
+    """A person at the shipped 0.1 s row clock: Connect, a few seconds of nothing, a question sent
+    with Enter (whole: the model hears it one word per row, as it learned), its answer; a second
+    question a second later, its answer too. Both read exactly from the page's output column."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    proc, url = start_serve(skills_export, [], tmp_path / "serve.log")  # serve/local.yaml as shipped
+    try:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "connect").click()
+        wait_page(browser, "the session to open", lambda s: s["state"] == "open", 30)
+        time.sleep(3.5)  # a person reads the page first; the model stays silent meanwhile
+        say = browser.find_element(By.ID, "say")
+        asked = [("what is 6 times 7", "let me check 42 <|end|>"),
+                 ("red fish moon tree sun", " rouge poisson lune arbre soleil <|end|>")]
+        output = user = ""
+        for i, (question, answer) in enumerate(asked):
+            type_keys(say, question)
+            say.send_keys(Keys.ENTER)
+            output, user = output + answer, user + (" " if user else "") + question
+            state = wait_page(browser, f"the answer to {question!r}",
+                              lambda s: s["texts"]["output"].count("<|end|>") > i, 30)
+            time.sleep(1.0)  # anything said after the end token shows up too
+            state = page_state(browser)
+            assert state["texts"]["output"] == output, state["texts"]
+            assert state["texts"]["user"] == user and not state["errors"], state
+        assert state["texts"]["tool_call"].split() == ["mul", "6", "7"] and state["texts"]["tool"].strip() == "42"
+    finally:
+        stop_serve(proc)
+
+
+def test_page_sends_the_line_on_enter_after_connect(served, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     browser.get(served + "/")
-    assert page_state(browser)["state"] == "idle"
+    state = page_state(browser)
+    assert state["state"] == "idle" and state["status"] == "not connected: press Connect to open a session"
     say = browser.find_element(By.ID, "say")
-    # no key: the local config's anonymous role (user). The first key opens the session; no Enter:
-    # each finished word goes in at once (those typed while the session opened, as soon as it is open)
-    type_keys(say, "what is 6 ")
-    state = wait_page(browser, "the finished words echoed in the user column",
-                      lambda s: s["state"] == "open" and s["texts"].get("user") == "what is 6", 30)
+    type_keys(say, "what is 6 ")  # typing before Connect opens nothing: the text waits in the box
+    say.send_keys(Keys.ENTER)
+    time.sleep(1.0)
+    state = page_state(browser)
+    assert state["state"] == "idle" and state["say"] == "what is 6 " and state["columns"] == ["row"], state
+    assert state["pending"] == "not sent: press Connect first, then Enter"
+    # no key: the local config's anonymous role (user). Connect opens the session and sends nothing
+    browser.find_element(By.ID, "connect").click()
+    state = wait_page(browser, "the session to open", lambda s: s["state"] == "open", 30)
     assert re.fullmatch(r"open: session \S+ as user · row \d+", state["status"]), state["status"]
     # one column per stream the role reads, in the model's order: no think for a user
     assert state["columns"] == ["row", "user", "output", "tool", "tool_call"]
     assert sorted(state["texts"]) == ["output", "tool", "tool_call", "user"] and state["composer"]
     sid = state["status"].split()[2]
     assert state["share"] == f"{served}/?session={sid}"
-    type_keys(say, "times")  # an unfinished word goes after a pause
-    wait_page(browser, "the paused word echoed", lambda s: s["texts"]["user"] == "what is 6 times", 20)
-    type_keys(say, " 7")
-    say.send_keys(Keys.ENTER)  # Enter sends the rest and empties the box
-    state = wait_page(browser, "the whole line echoed", lambda s: s["texts"]["user"] == "what is 6 times 7", 20)
-    assert state["say"] == ""
+    type_keys(say, "times 7")  # finished words wait for Enter too (the box is not sent word by word)
+    time.sleep(2.0)
+    state = page_state(browser)
+    assert state["texts"]["user"] == "" and state["say"] == "what is 6 times 7", state["texts"]
+    say.send_keys(Keys.ENTER)  # the whole line, then an empty box
+    state = wait_page(browser, "the line echoed", lambda s: s["texts"]["user"] == "what is 6 times 7", 20)
+    assert state["say"] == "" and state["pending"] == ""
     # the user column holds exactly the typed words, one token per row, in order
     assert [c for c in column(state, "user") if c] == ["what", " is", " 6", " times", " 7"]
     assert any(column(state, "output")), "no output cells in the output column"
@@ -203,11 +211,41 @@ def test_page_typing_goes_into_the_user_stream_while_rows_arrive(served, browser
     row = current_row(state)
     state = wait_page(browser, "more rows", lambda s: current_row(s) >= row + 10, 20)  # the model keeps writing
     assert "think" not in state["texts"] and not state["errors"], state["errors"]
+    type_keys(say, "what is 3 times 4 ")  # a second line: after a space, less the trailing one
+    say.send_keys(Keys.ENTER)
+    wait_page(browser, "the second line", lambda s: s["texts"]["user"] == "what is 6 times 7 what is 3 times 4", 20)
 
     browser.find_element(By.ID, "disconnect").click()  # the polite close: end frame, then 1000
     state = wait_page(browser, "the session to end", lambda s: s["state"] == "closed", 20)
     assert state["status"].startswith("ended: closed · closed: 1000"), state["status"]
-    assert not state["composer"]
+    assert state["composer"] and state["say"] == ""  # as on a fresh page: type, then Connect
+
+
+def test_page_sends_words_as_they_are_typed_when_ticked(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(served + "/")
+    assert not browser.find_element(By.ID, "live-words").is_selected()  # off by default
+    browser.find_element(By.ID, "live-words").click()
+    browser.find_element(By.ID, "connect").click()
+    wait_page(browser, "the session to open", lambda s: s["state"] == "open", 30)
+    say = browser.find_element(By.ID, "say")
+    type_keys(say, "what is 6 ")  # each finished word goes in at once
+    state = wait_page(browser, "the finished words echoed", lambda s: s["texts"]["user"] == "what is 6", 20)
+    assert state["say"] == "what is 6 " and state["pending"] == ""
+    type_keys(say, "times")  # an unfinished word goes after a pause
+    state = wait_page(browser, "the paused word", lambda s: s["texts"]["user"] == "what is 6 times", 20)
+    type_keys(say, " 7")
+    say.send_keys(Keys.ENTER)  # Enter sends the rest and empties the box
+    state = wait_page(browser, "the whole line echoed", lambda s: s["texts"]["user"] == "what is 6 times 7", 20)
+    assert state["say"] == ""
+    assert [c for c in column(state, "user") if c] == ["what", " is", " 6", " times", " 7"]
+    type_keys(say, "what ")  # the next line starts with a space in the stream
+    wait_page(browser, "the next line's word", lambda s: s["texts"]["user"] == "what is 6 times 7 what", 20)
+    browser.find_element(By.ID, "disconnect").click()
+    state = wait_page(browser, "the session to end", lambda s: s["state"] == "closed", 20)
+    assert state["status"].startswith("ended: closed · closed: 1000") and not state["errors"], state
 
 
 def test_page_shows_a_bad_key_and_a_refused_open(served, browser):
@@ -219,7 +257,7 @@ def test_page_shows_a_bad_key_and_a_refused_open(served, browser):
     state = wait_page(browser, "the refusal", lambda s: s["state"] == "closed", 20)
     assert len(state["errors"]) == 1 and state["errors"][0].startswith("unauthorized: "), state["errors"]
     assert state["status"].startswith("closed: 1008"), state["status"]
-    assert state["columns"] == ["row"] and not state["composer"]
+    assert state["columns"] == ["row"] and not state["texts"]  # no session frame came
 
     key = browser.find_element(By.ID, "key")  # a monitor attaches; it may not open a session
     key.clear()
@@ -277,20 +315,22 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
 
 # ---- the README's screenshot -------------------------------------------------------------------
 def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question="what is 6 times 7") -> None:
-    """A live session with the trained model: the question typed into the page, the answer
-    (tool call, tool result, output) on screen, saved as a PNG. The model learnt its skills with
-    the question in a session's first rows; a 0.4 s row clock keeps it there (the first key
-    opens the session) even on a busy machine, where 0.1 s rows may pass before the words arrive."""
+    """A live session with the trained model at the shipped row clock: Connect, the question typed
+    into the page and sent with Enter, the answer (tool call, tool result, output) on screen, saved
+    as a PNG."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_serve(Path(checkpoint).resolve(), ["session.row_interval_s=0.4"], Path(tmp) / "serve.log")
+        proc, url = start_serve(Path(checkpoint).resolve(), [], Path(tmp) / "serve.log")
         try:
             driver = chromium(f"{tmp}/profile")
             try:
                 driver.get(url + "/")
-                driver.find_element(By.ID, "say").send_keys(question, Keys.ENTER)  # opens the session
+                driver.find_element(By.ID, "connect").click()
+                wait_page(driver, "the session to open", lambda s: s["state"] == "open", 30)
+                time.sleep(1.0)
+                driver.find_element(By.ID, "say").send_keys(question, Keys.ENTER)
                 wait_page(driver, "the answer", lambda s: "<|end|>" in s["texts"].get("output", ""), 90)
                 time.sleep(1.0)
                 height = driver.execute_script("return document.documentElement.scrollHeight")

@@ -62,7 +62,9 @@ def test_zero2_trains_evaluates_and_exports(zero2_run):
     assert last < first * 0.7  # the loss falls
     assert metrics["step"] == 20 and "val/loss" in metrics and "skills/all/accuracy" in metrics
     tasks = ("wait_k", "running_sum", "count_stop", "tool_call")
-    assert metrics["skills/all/n"] == 16 and {f"skills/{t}/n" for t in tasks} <= set(metrics)
+    # 4 sessions per task and condition (15 cells), one record per task of each
+    assert metrics["skills/all/n"] >= 60 and {f"skills/{t}/n" for t in tasks} <= set(metrics)
+    assert "skills/count_stop@mid_answer/accuracy" in metrics
     assert metrics["skills/eval_seconds"] > 0
     assert {"train/loss_output", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(read_metrics(run_dir)[20])
     probe_matches_export(run_dir)

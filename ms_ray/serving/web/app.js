@@ -1,11 +1,13 @@
 // The ms_ray session page: one WebSocket (serve/PROTOCOL.md), one column per stream the role
-// reads, rows appended as the model writes them, and a text box whose words go into the input
-// stream as they are typed (the model keeps writing meanwhile). Plain JS, no dependencies.
+// reads, rows appended as the model writes them, and a text box whose line goes into the input
+// stream on Enter (or word by word as it is typed, if asked); the model keeps writing meanwhile.
+// Plain JS, no dependencies.
 "use strict";
 
 const IDLE_SEND_MS = 1500; // an unfinished word left alone this long is sent as it is
 const MAX_TABLE_ROWS = 2000; // the table keeps the newest rows (the texts above keep everything)
 const $ = (id) => document.getElementById(id);
+const PLACEHOLDER = "type a question, then Enter sends it (press Connect first)"; // as in index.html
 
 let ws = null; // the WebSocket, while connected
 let info = null; // the session frame
@@ -17,7 +19,6 @@ let attached = false; // joined a session by id rather than opening it
 let sent = ""; // the part of the text box already sent
 let wrote = {}; // stream -> whether this page wrote to it (a new line then starts with a space)
 let writeStream = null;
-let lineDone = false; // Enter was pressed before the session opened: send the whole line then
 let idleTimer = null;
 let closeTimer = null;
 
@@ -56,7 +57,7 @@ function connect(event) {
 
 function disconnect() {
   if (!ws) return;
-  sendPending("line");
+  if (liveWords()) sendPending("line"); // word by word: the unfinished word goes too (Enter mode: only Enter sends)
   if (ws.readyState === WebSocket.OPEN && !(attached && info && info.write.length)) {
     // the polite way: ask, then the server sends the end frame (or detaches a read-only observer)
     // and closes. A writer that attached just leaves: its close frame would end the session.
@@ -86,11 +87,12 @@ function onClose(event) {
   const why = `closed: ${event.code}${event.reason ? " " + event.reason : ""}`;
   if (event.code === 1006) showError("connection", `no connection to the server (code 1006)`);
   setStatus("closed", (ended ? `ended: ${ended} · ` : "") + why);
-  $("composer").hidden = true;
+  $("composer").hidden = false; // as on a fresh page: what is typed waits for Connect and Enter
   $("readonly").hidden = true;
-  $("say").value = "";
+  $("say").placeholder = PLACEHOLDER;
+  $("say").value = $("say").value.slice(sent.length); // keep only what was not sent
   sent = "";
-  lineDone = false;
+  showPending();
   $("connect").disabled = false;
   $("disconnect").disabled = true;
 }
@@ -136,11 +138,10 @@ function onSession(frame) {
   $("share").hidden = false;
   showOpen();
   if (frame.write.length) {
-    sendPending(lineDone ? "line" : "words"); // what was typed while the session was opening
-    scheduleIdleSend();
+    $("say").placeholder = "type a question, then Enter sends it";
+    showPending(); // what was typed before Connect waits in the box for Enter
     $("say").focus();
   }
-  lineDone = false;
 }
 
 function showOpen() {
@@ -187,11 +188,21 @@ function columnClass(stream) {
 }
 
 // ---- writing -------------------------------------------------------------------------------
-// Each word goes out as soon as the space after it is typed, with its leading space (" is"),
-// so the stream's text is exactly what was typed; an unfinished word waits for its end, for a
-// pause (IDLE_SEND_MS) or for Enter, which also empties the box for the next line. On a fresh
-// page the first key opens the session (the model then hears the question from its first rows);
-// what is typed meanwhile goes in as soon as the session is open.
+// Connect opens the session; typing never does. By default Enter sends the line, whole (the
+// server injects it one token per row, which is how the skills model learned its questions),
+// and empties the box for the next one; a line typed before Connect waits in the box for Enter.
+// With "send words as I type" each word goes out as soon as the space after it is typed, an
+// unfinished word after a pause (IDLE_SEND_MS) or on Enter. Either way a line that follows
+// earlier text in the stream gets a leading space (" is"), so the stream's text is exactly
+// what was typed.
+function liveWords() {
+  return $("live-words").checked;
+}
+
+function isOpen() {
+  return Boolean(ws && ws.readyState === WebSocket.OPEN && info);
+}
+
 function sendPending(mode) {
   clearTimeout(idleTimer);
   const box = $("say");
@@ -204,28 +215,41 @@ function sendPending(mode) {
     chunk = chunk.replace(/\s+$/, ""); // trailing spaces wait for the next word
   }
   const stream = writeStream;
-  if (chunk.trim() && stream && ws && ws.readyState === WebSocket.OPEN) {
+  if (chunk.trim() && stream && isOpen()) {
     const text = !sent && (wrote[stream] || texts[stream]) && /^\S/.test(chunk) ? " " + chunk : chunk;
     ws.send(JSON.stringify({ type: "append", stream, text }));
     wrote[stream] = true;
     sent += chunk;
   }
-  if (mode === "line") {
+  if (mode === "line" && isOpen()) { // the line went: the box is free for the next one
     box.value = "";
     sent = "";
   }
-  const pending = box.value.slice(sent.length).trim();
-  $("pending").textContent = pending ? `not sent yet: ${pending}` : "";
+  showPending();
+}
+
+function showPending(enter = false) {
+  const pending = $("say").value.slice(sent.length).trim();
+  let hint = "";
+  if ((pending || enter) && !isOpen()) {
+    hint = ws ? "not sent: the session is still opening" : "not sent: press Connect first, then Enter";
+  } else if (pending && liveWords()) hint = `not sent yet: ${pending}`;
+  else if (pending) hint = "Enter sends";
+  $("pending").textContent = hint;
 }
 
 function onInput() {
-  if (!ws && $("status").dataset.state === "idle") connect(); // a fresh page: the first key opens the session
+  clearTimeout(idleTimer);
+  if (!liveWords() || !isOpen()) return showPending(); // kept in the box until Enter (after Connect)
   sendPending("words");
-  scheduleIdleSend();
+  if ($("say").value.slice(sent.length).trim()) idleTimer = setTimeout(() => sendPending("idle"), IDLE_SEND_MS);
 }
 
-function scheduleIdleSend() {
-  if ($("say").value.slice(sent.length).trim()) idleTimer = setTimeout(() => sendPending("idle"), IDLE_SEND_MS);
+function onEnter(event) {
+  if (event.key !== "Enter" || event.isComposing) return;
+  event.preventDefault();
+  if (isOpen()) return sendPending("line");
+  showPending(true); // not connected: the line stays in the box
 }
 
 function commonPrefix(a, b) {
@@ -270,16 +294,11 @@ function init() {
   $("connect-form").addEventListener("submit", connect);
   $("disconnect").addEventListener("click", disconnect);
   $("say").addEventListener("input", onInput);
-  $("say").addEventListener("keydown", (e) => {
-    if (e.key !== "Enter") return;
-    e.preventDefault();
-    if (ws && ws.readyState === WebSocket.OPEN) return sendPending("line");
-    lineDone = true; // sent as soon as the session is open
-    if (!ws && $("status").dataset.state === "idle") connect();
-  });
+  $("say").addEventListener("keydown", onEnter);
+  $("live-words").addEventListener("change", onInput); // ticked: the words already finished go at once
   $("stream").addEventListener("change", () => {
-    sendPending("line"); // what was typed goes to the stream it was typed for
-    writeStream = $("stream").value;
+    if (liveWords()) sendPending("line"); // words already went to the old stream: the rest goes there too
+    writeStream = $("stream").value; // Enter mode: the line goes where it is sent
   });
   // ?session=ID attaches at once (the share link); ?key=KEY fills the key field and leaves the address bar
   const params = new URLSearchParams(location.search);
