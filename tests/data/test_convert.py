@@ -71,7 +71,8 @@ def test_session_timing_puts_silence_before_questions_and_after_replies(bound, e
     for ex in timed:
         (u1, s1, e1), (o1, os1, oe1), (u2, s2, e2), (o2, os2, oe2) = ex.meta["turns"]
         assert 3 <= s1 <= 9 and 2 <= s2 - oe1 <= 6  # the leading silence, the gap after a reply
-        assert (os1 - s1, os2 - s2) == (plain.meta["turns"][1][1], plain.meta["turns"][3][1] - plain.meta["turns"][2][1])
+        reply_lags = (plain.meta["turns"][1][1], plain.meta["turns"][3][1] - plain.meta["turns"][2][1])
+        assert (os1 - s1, os2 - s2) == reply_lags
         assert 2 <= ex.num_rows - oe2 <= 6 and not ex.rows[oe2:].any()  # silence after the last reply
     assert len({ex.meta["turns"][0][1] for ex in timed}) > 1  # the pauses vary
 

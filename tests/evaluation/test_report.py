@@ -87,8 +87,8 @@ def test_the_training_table_is_the_eval_report_table():
     # first the exact match per task (rows) and condition (columns)
     assert lines[2] == "| exact match % | row0 | after_silence | later | mid_answer | any |"
     assert lines[4:9] == ["| wait_k | 100.0 | 0.0 | – | – | 50.0 |", "| running_sum | – | 100.0 | – | – | 100.0 |",
-                          "| count_stop | 100.0 | – | 0.0 | 100.0 | 66.7 |", "| tool_call | – | – | 100.0 | 0.0 | 50.0 |",
-                          "| all | 100.0 | 50.0 | 50.0 | 50.0 | 62.5 |"]
+                          "| count_stop | 100.0 | – | 0.0 | 100.0 | 66.7 |",
+                          "| tool_call | – | – | 100.0 | 0.0 | 50.0 |", "| all | 100.0 | 50.0 | 50.0 | 50.0 | 62.5 |"]
     lines = lines[10:]
     assert lines[0] == "| task | condition | n | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"
     assert lines[1] == "|---|---|---:|" + "---:|" * len(COLUMNS)
