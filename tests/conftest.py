@@ -178,7 +178,7 @@ def check_report_outputs(out, labels: list[str], sessions: int) -> dict:
         per_key = summary["summaries"][label]
         n = per_key["all"]["n"]
         assert n >= sessions and set(TASKS) <= set(per_key)
-        assert set(per_key) <= {*TASKS, "all", *(f"{t}@{c}" for t in TASKS for c in CONDITIONS)}
+        assert set(per_key) <= {*TASKS, "all", *(f"{t}@{c}" for t in [*TASKS, "all"] for c in CONDITIONS)}
         records = [json.loads(r) for r in (out / f"records-{label}.jsonl").read_text().splitlines()]
         assert len(records) == n and {r["task"] for r in records} == set(TASKS)
         assert {r["condition"] for r in records} <= set(CONDITIONS)

@@ -47,7 +47,7 @@ INT_FIELDS = {
     "demo": [("model.hidden_size", POSITIVE.map(lambda k: 4 * k), (1, None)),  # a multiple of num_heads (4)
              ("model.num_layers", POSITIVE, (1, None)), ("model.seed", ANY, (None, None)),
              ("decode.max_new_rows", POSITIVE, (1, None)), ("decode.seed", ANY, (None, None))],
-    "train": [("model.hidden_size", POSITIVE.map(lambda k: 4 * k), (1, None)),
+    "train": [("model.hidden_size", POSITIVE.map(lambda k: 8 * k), (1, None)),  # num_heads 8
               ("optim.max_steps", st.integers(101, HUGE), (1, None)),  # longer than warmup (100 steps)
               ("optim.warmup_steps", st.integers(0, 3399), (0, None)),  # shorter than max_steps (3400)
               ("checkpoint.every", POSITIVE, (1, None)), ("scaling.num_workers", POSITIVE, (1, None)),

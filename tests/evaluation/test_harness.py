@@ -213,7 +213,8 @@ def test_random_models_score_low_and_records_are_plain(models, examples, short_s
         assert pickle.loads(pickle.dumps(records)) == records  # the training loop all_gathers them
         assert [json.loads(line) for line in map(json.dumps, records)] == records  # records-<model>.jsonl
         summary = summarize(records)
-        assert list(summary) == [k for t in TASKS for k in (t, f"{t}@row0")] + ["all"] and summary["all"]["n"] == N
+        assert list(summary) == [k for t in TASKS for k in (t, f"{t}@row0")] + ["all", "all@row0"]
+        assert summary["all"]["n"] == summary["all@row0"]["n"] == N
         assert summary["all"]["accuracy"] <= 0.25 and set(summary["all"]) == set(SUMMARY)
         assert math.isnan(summary["wait_k"]["tool_used"]) and not math.isnan(summary["tool_call"]["tool_used"])
         assert all(r["task"] == "count_stop" for r in records if "reaction_exact" in r)

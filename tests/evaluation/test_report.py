@@ -127,6 +127,6 @@ def test_one_set_of_evaluation_settings():
     with pytest.raises(ConfigError, match="skills_per_task is now eval.examples_per_task"):
         load_config(TrainConfig, ROOT / "jobs/tiny.yaml", ["eval.skills_per_task=4"], check_paths=False)
     cfg = load_config(TrainConfig, ROOT / "jobs/tiny.yaml", ["eval.tool=scripted"], check_paths=False)
-    assert (cfg.eval.examples_per_task, cfg.eval.tool) == (50, "scripted")
+    assert (cfg.eval.examples_per_task, cfg.eval.tool) == (40, "scripted")
     cfg = load_config(TrainConfig, ROOT / "jobs/tiny.yaml", ["eval.session=null"], check_paths=False)
     assert cfg.eval.session is None  # single tasks from row 0

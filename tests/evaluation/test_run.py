@@ -25,7 +25,8 @@ def check_outputs(out, label: str, held_out: list) -> dict:
     tasks = [(f"{e.id}#{k}", t["task"], t["condition"]) for e in held_out for k, t in enumerate(e.meta["tasks"])]
     assert [(r["id"], r["task"], r["condition"]) for r in records] == tasks
     assert summary["summaries"][label]["all"]["n"] == len(tasks)
-    assert set(summary["summaries"][label]) == {*TASKS, *(f"{t}@{c}" for _, t, c in tasks), "all"}
+    assert set(summary["summaries"][label]) == {*TASKS, *(f"{t}@{c}" for _, t, c in tasks), "all",
+                                                *(f"all@{c}" for _, _, c in tasks)}
     assert f"| all | any | {len(tasks)} |" in (out / "report.md").read_text()
     for plot in ("accuracy", "latency_rows", "latency_ms"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +51,7 @@ def test_eval_scores_a_checkpoint_and_writes_the_report(layout, session, tmp_pat
     assert {e.meta["kind"] for e in held_out} == {"session" if session == "sessions" else "task"}
     summary = check_outputs(out, layout, held_out)
     if session == "sessions":  # every (task, condition), wait_k never mid-answer
-        cells = {k for k in summary["summaries"][layout] if "@" in k}
+        cells = {k for k in summary["summaries"][layout] if "@" in k and not k.startswith("all@")}
         assert cells == {f"{t}@{c}" for t in TASKS for c in CONDITIONS} - {"wait_k@mid_answer"}
         assert "| count_stop | mid_answer |" in (out / "report.md").read_text()
     assert summary["parameters"] > 0 and summary["streams"] == schema.names and summary["tool"] == "live"

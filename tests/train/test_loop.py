@@ -173,8 +173,9 @@ def test_a_nan_loss_stops_at_the_next_micro_batch_without_a_checkpoint(one_rank,
     r = recipe(tmp_path, [1.0, 1.0, math.nan, 1.0, 1.0, 1.0], None, "checkpoint.every=1", "run.log_every=1")
     r.run()
     assert len(r.engine.normalisers) == 3  # the 4th micro-batch's all-reduce carried the NaN: no forward
-    assert diverged(tmp_path) == {"step": 2, "what": "loss", "value": "nan", "lr": pytest.approx(2e-3),
-                                  "base_lr": 2e-3, "checkpoint": 1}
+    lr = r.cfg.optim.lr  # jobs/tiny.yaml's; warmup is over at step 2 here
+    assert diverged(tmp_path) == {"step": 2, "what": "loss", "value": "nan", "lr": pytest.approx(lr),
+                                  "base_lr": lr, "checkpoint": 1}
     assert [m["step"] for m in r.saved] == [1] and sorted(r.tracker.logged) == [1]  # nothing after step 1
     assert r.tracker.exit_code == 1 and r.finished == []
 
@@ -191,5 +192,5 @@ def test_a_non_finite_grad_norm_stops_and_names_the_norm(one_rank, tmp_path):
     r.run()
     record = diverged(tmp_path)
     assert (record["step"], record["what"], record["value"]) == (3, "grad norm", "inf")
-    assert record["lr"] == pytest.approx(2e-3 * lr_lambda(2, r.cfg.optim))
+    assert record["lr"] == pytest.approx(r.cfg.optim.lr * lr_lambda(2, r.cfg.optim))
     assert sorted(r.tracker.logged) == [1, 2] and r.finished == [] and r.tracker.exit_code == 1
