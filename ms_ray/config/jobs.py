@@ -126,6 +126,7 @@ class SkillSessionConfig(Strict):
     lead_silence: tuple[int, int] = (1, 40)  # else: silent rows before it
     gap: tuple[int, int] = (1, 12)  # silent rows between an answer's end and the next question
     mid_answer: float = Field(0.5, ge=0, le=1)  # after a count that still runs: chance the next question cuts in
+    long_sums: float = Field(0.0, ge=0, le=1)  # chance a running_sum adds 5-8 digits of 3-9 (large totals; training)
 
     @field_validator("tasks", "lead_silence", "gap")
     @classmethod

@@ -67,7 +67,8 @@ def generate_session(rng: random.Random, schema: StreamSchema, encode, shape: Sk
             _interrupt(tl, prev, start, end_id, enc, schema)
         condition = ("mid_answer" if interrupt else "later") if k else ("row0" if start == 0 else "after_silence")
         unstopped = k == 0 and want_cond == "mid_answer"  # the count the target question cuts into
-        item = _place(rng, tl, task, start, enc, end_id, schema, condition, stop=not unstopped)
+        item = _place(rng, tl, task, start, enc, end_id, schema, condition, stop=not unstopped,
+                      long_sums=shape.long_sums)
         if tl.num_rows + 1 > shape.rows:  # it does not fit (with a silent row after it): undo, stop here
             tl.cells, tl.end = saved[0], saved[1]
             if prev is not None:
@@ -99,21 +100,17 @@ def _plan(rng, k: int, prev: dict | None, target, tasks, weights, mid_answer: fl
     return task, rng.random() < mid_answer
 
 
-def _place(rng, tl: Timeline, task: str, start: int, enc, end_id: int, schema, condition: str, stop: bool) -> dict:
+def _place(rng, tl: Timeline, task: str, start: int, enc, end_id: int, schema, condition: str,
+           stop: bool, long_sums: float) -> dict:
     """Write one task whose question begins at `start`; returns its description."""
     out = schema.index("output")
     before = {key for key in tl.cells}
+    options = {}
     if task == "count_stop" and not stop:  # the count a mid-answer question will interrupt: never stopped
-        while True:
-            scratch = Timeline(schema)
-            state = rng.getstate()
-            parts = _TASK_FNS[task](rng, scratch, enc, end_id, at=start)
-            if "stop" not in parts["user"].split():
-                rng.setstate(state)
-                parts = _TASK_FNS[task](rng, tl, enc, end_id, at=start)
-                break
-    else:
-        parts = _TASK_FNS[task](rng, tl, enc, end_id, at=start)
+        options["stop"] = False
+    if task == "running_sum" and long_sums > 0:  # no draw at 0: sessions stay as they were
+        options["long"] = rng.random() < long_sums
+    parts = _TASK_FNS[task](rng, tl, enc, end_id, at=start, **options)
     new = {key: tok for key, tok in tl.cells.items() if key not in before}
     user = schema.index("user")
     out_rows = sorted(r for (r, s) in new if s == out)

@@ -208,3 +208,18 @@ def test_weights_skew_task_frequencies(sch, encode):
     equal = Counter(t["task"] for e in generate_sessions(80, 2, sch, encode, SHAPE, tasks=("wait_k", "running_sum"))
                     for t in e.meta["tasks"])
     assert equal["running_sum"] < 2 * equal["wait_k"]
+
+
+def test_long_sums_draw_large_totals_for_training_only(sch, encode):
+    """long_sums (training data) raises the share of large running-sum totals; at its default 0 the
+    sessions are the evaluation's, untouched by the option."""
+    def totals(shape):
+        return [int(t["parts"]["output"].split()[0])
+                for e in generate_sessions(120, 3, sch, encode, shape, weights=[0, 1, 0, 0]) for t in e.meta["tasks"]]
+
+    natural, long = totals(SHAPE), totals(SkillSessionConfig(long_sums=1.0))
+    assert max(natural) <= 72 and all(t >= 15 for t in long)  # 5-8 digits of 3-9
+    share_large = [sum(t >= 40 for t in ts) / len(ts) for ts in (natural, long)]
+    assert share_large[1] > 3 * share_large[0]
+    assert [e.rows.tolist() for e in generate_sessions(20, 3, sch, encode, SkillSessionConfig(long_sums=0.0))] == \
+        [e.rows.tolist() for e in generate_sessions(20, 3, sch, encode, SHAPE)]
