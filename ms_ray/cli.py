@@ -4,7 +4,7 @@ A job command is `ms-ray COMMAND [CONFIG] [key=value ...]`: a YAML config file (
 a default) and dotted overrides make the command's typed config, and one function runs over it.
 A checkpoint, an address or an output folder is a field like any other: checkpoint=PATH,
 address=auto, out=DIR. The cluster commands (submit, jobs, preflight) talk to a running cluster
-and keep options of their own (--address, --follow, --token, ...).
+and keep options of their own (--address, --follow, --token, ...); so does `ms-ray import SRC OUT`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .config import (
     DemoConfig,
     EvalJobConfig,
     ExportConfig,
+    ImportConfig,
     PrepareConfig,
     ServeConfig,
     TokenizerTrainConfig,
@@ -94,14 +95,31 @@ def tokenizer_train(cfg: TokenizerTrainConfig):
     return tokenizer
 
 
+def import_command(src: str, out: str, overrides: list[str]) -> int:
+    """`ms-ray import SRC OUT [overwrite=true] [dtype=bfloat16]`: a GGUF file or a HF model folder
+    becomes a plain HF folder (safetensors, config, tokenizer, chat template) at OUT."""
+    from .core.importing import ImportRefused, import_model
+
+    cfg = load_config(ImportConfig, data={"src": src, "out": out}, overrides=overrides, source="ms-ray import")
+    try:
+        done = import_model(cfg.src, cfg.out, cfg.overwrite, cfg.dtype)
+    except ImportRefused as e:  # bad SRC or OUT: refused like any other bad input (exit 2)
+        raise ConfigError(str(e)) from None
+    print(f"ms-ray import: {cfg.src} -> {cfg.out}: {done['architecture']}, {done['parameters']:,} parameters, "
+          f"vocab {done['vocab']:,}, {done['dtype']}, chat template {'yes' if done['chat_template'] else 'no'}, "
+          f"{done['seconds']:.1f} s")
+    return 0
+
+
 class Command(NamedTuple):
     """One row of the table. `function` is "module:function" (or a function of this file), imported
     only when the command runs, after ray_env.set_environment: Ray reads part of its environment
     (e.g. which address to bind) once, at import. A job command's function takes its typed config;
-    a cluster command's (config None) takes its parsed options as keywords and returns the exit code."""
+    a command with options of its own (config None: the cluster commands, import) takes its parsed
+    options as keywords and returns the exit code."""
 
     function: str | Callable
-    config: type | None  # the typed config of `COMMAND [CONFIG] [key=value ...]`; None: a cluster command
+    config: type | None  # the typed config of `COMMAND [CONFIG] [key=value ...]`; None: options of its own
     default: str | None  # the config file when none is given
     help: str
     example: str = ""  # key=value words shown in the command's --help
@@ -123,11 +141,12 @@ COMMANDS = {
                      "serve a checkpoint on Ray Serve (WebSocket/HTTP, serve/PROTOCOL.md)",
                      "checkpoint=runs/train/tiny/export port=8001"),
     "eval": Command("ms_ray.evaluation.run:eval_checkpoint", EvalJobConfig, "jobs/eval.yaml",
-                    "score a skills checkpoint: exact match, latency, behaviours",
+                    "score a skills checkpoint (exact match, latency, behaviours) or, with chat.data, a chat one",
                     "checkpoint=runs/train/tiny/export eval.examples_per_task=10"),
     "compare": Command("ms_ray.experiments.compare:compare", CompareConfig, "jobs/compare-tiny.yaml",
                        "multi-stream vs single-stream baseline, same budget", "output=runs/compare/x"),
-    # talk to a running cluster; options of their own (CLUSTER_OPTIONS)
+    # options of their own (CLUSTER_OPTIONS): bring a pretrained model in; talk to a running cluster
+    "import": Command(import_command, None, None, "import a GGUF file or HF model folder as a plain HF folder"),
     "submit": Command("ms_ray.submit:submit", None, None,
                       "run a train, prepare, tokenizer, eval or compare config as a Ray Job on a cluster"),
     "jobs": Command("ms_ray.submit:jobs_command", None, None, "list, logs or stop Ray Jobs"),
@@ -138,7 +157,11 @@ FORM = "ms-ray {} [CONFIG] [key=value ...]"
 DASHBOARD = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
 ADDRESS = f"the head's dashboard (default {DASHBOARD})"
 OVERRIDES = dict(nargs="*", metavar="key=value", help="dotted.key=value, e.g. optim.max_steps=500")
-CLUSTER_OPTIONS = {  # (flags, argparse keywords) per cluster command
+CLUSTER_OPTIONS = {  # (flags, argparse keywords) per command with options of its own
+    "import": [(["src"], dict(metavar="SRC", help="a .gguf file or a local Hugging Face model folder")),
+               (["out"], dict(metavar="OUT", help="the HF folder to write (refused if not empty, unless "
+                                                  "overwrite=true)")),
+               (["overrides"], dict(OVERRIDES, help="a field of ImportConfig: overwrite=true, dtype=bfloat16"))],
     "submit": [(["config"], dict(metavar="CONFIG", help="a train, prepare, tokenizer, eval or compare config file "
                                                         "inside --working-dir")),
                (["overrides"], dict(OVERRIDES, help="dotted.key=value, passed to the job's command")),

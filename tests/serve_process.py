@@ -14,16 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MONITOR_KEY = "web-test-monitor-key"  # serve/local.yaml reads it from MS_RAY_MONITOR_KEY
 
 
-def start_serve(checkpoint, overrides: list[str], log: Path):
-    """`ms-ray serve checkpoint=PATH` (serve/local.yaml) on a free port of 127.0.0.1, in its own
-    process group; returns (process, base URL) once it is ready."""
+def start_serve(checkpoint, overrides: list[str], log: Path, config: str | None = None):
+    """`ms-ray serve [CONFIG] checkpoint=PATH` (default serve/local.yaml) on a free port of
+    127.0.0.1, in its own process group; returns (process, base URL) once it is ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MS_RAY_MONITOR_KEY=MONITOR_KEY, MS_RAY_OPERATOR_KEY="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms_ray.cli", "serve", f"checkpoint={checkpoint}", f"port={port}", "log_level=WARNING",
+        [sys.executable, "-m", "ms_ray.cli", "serve", *([config] if config else []), f"checkpoint={checkpoint}", f"port={port}", "log_level=WARNING",
          "model.num_cpus=0", *overrides],
         cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -27,3 +27,12 @@ def test_serve_benchmark_quick_run():
     for title in ("## (a) One replica, as fast", "## (b) One replica, real-time", "## (c) The decoder alone"):
         assert title in run.stdout
     assert "| 16 |" in run.stdout
+
+
+@pytest.mark.slow
+def test_chat_decode_benchmark_tiny_run():
+    run = subprocess.run([sys.executable, "benchmarks/bench_chat_decode.py", "--tiny", "--rows", "16"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "## Chat decoding: tiny random model" in run.stdout and "| 4 | 64 |" in run.stdout
+    assert "| 1 | 16 |" in run.stdout and "| 1.00x |" in run.stdout

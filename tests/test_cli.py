@@ -21,7 +21,7 @@ JOB_COMMANDS = [name for name, cmd in COMMANDS.items() if cmd.config is not None
 
 def test_the_table_names_a_function_a_config_and_a_default_file_that_loads():
     assert JOB_COMMANDS == ["demo", "prepare", "tokenizer", "train", "export", "serve", "eval", "compare"]
-    assert [n for n in COMMANDS if n not in JOB_COMMANDS] == ["submit", "jobs", "preflight"]
+    assert [n for n in COMMANDS if n not in JOB_COMMANDS] == ["import", "submit", "jobs", "preflight"]
     for name, cmd in COMMANDS.items():
         assert cmd.help, name
         if callable(cmd.function):  # one of cli.py's own

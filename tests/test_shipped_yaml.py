@@ -20,9 +20,13 @@ TYPED = {
     "jobs/qwen3-0.6b-zero2.yaml": config.TrainConfig,
     "jobs/qwen3-8b-zero3-offload.yaml": config.TrainConfig,
     "jobs/eval.yaml": config.EvalJobConfig,
+    "jobs/data-smollm2-chat.yaml": config.PrepareConfig,
+    "jobs/smollm2-chat.yaml": config.TrainConfig,
+    "jobs/eval-smollm2-chat.yaml": config.EvalJobConfig,
     "jobs/compare-tiny.yaml": config.CompareConfig,
     "serve/local.yaml": config.ServeConfig,  # Serve config files: config.ServeConfig is applications[0].args
     "serve/cluster.yaml": config.ServeConfig,
+    "serve/smollm2.yaml": config.ServeConfig,
 }
 GPU_PRESETS = {"jobs/qwen3-0.6b-zero2.yaml", "jobs/qwen3-8b-zero3-offload.yaml"}  # cluster paths (/mnt/...)
 
@@ -64,6 +68,11 @@ def test_shipped_yaml_is_valid(path):
             assert (ROOT / p).exists() or made, f"{path}: input {p} neither ships nor is made by a shipped job"
     if isinstance(cfg, config.EvalJobConfig):
         assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
+        if cfg.chat is not None:  # its data is a shipped job's; its reference what `ms-ray import` writes
+            assert (ROOT / cfg.chat.data).exists() or cfg.chat.data in shipped_outputs()
+            made = {c.tokenizer for c in (load_config(config.PrepareConfig, ROOT / p, check_paths=False)
+                                          for p, cls in TYPED.items() if cls is config.PrepareConfig)}
+            assert cfg.chat.reference is None or (ROOT / cfg.chat.reference).exists() or cfg.chat.reference in made
     if isinstance(cfg, config.CompareConfig):  # both arms load, with the same budget and data a shipped job makes
         from ms_ray.experiments.compare import arm_configs
 
@@ -83,7 +92,7 @@ def check_serve_file(path):
     module, name = schema.applications[0].import_path.split(":")
     assert callable(getattr(__import__(module, fromlist=[name]), name))
     assert set(cfg.roles) >= {"user", "monitor"}
-    if path == "serve/local.yaml":
+    if path != "serve/cluster.yaml":  # one machine: local.yaml (the demo), smollm2.yaml (make smollm2)
         assert cfg.host == "127.0.0.1" and schema.http_options.host == "127.0.0.1"
         assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
     else:

@@ -3,8 +3,10 @@
     cfg = load_config(TrainConfig, "jobs/tiny.yaml", ["optim.max_steps=500"])
 
 Unknown keys and wrong types fail at load time with the file and the dotted field named,
-before anything expensive starts. base: the loader; jobs: the job commands' configs;
-serve: `ms-ray serve`. Import from here: `from ms_ray.config import TrainConfig`.
+before anything expensive starts. base: the loader; jobs: the job commands' configs; model:
+their model section (LoRA included); serve: `ms-ray serve`; importing: `ms-ray import`;
+evaluation: `ms-ray eval`'s chat section.
+Import from here: `from ms_ray.config import TrainConfig`.
 """
 
 from .base import (  # noqa: F401  (the public names)
@@ -20,6 +22,8 @@ from .base import (  # noqa: F401  (the public names)
     read_yaml,
     yaml_leak,
 )
+from .evaluation import ChatEvalConfig  # noqa: F401  (a public name)
+from .importing import ImportConfig  # noqa: F401  (a public name)
 from .jobs import (  # noqa: F401  (the public names)
     MAX_LR,
     CheckpointConfig,
@@ -32,6 +36,7 @@ from .jobs import (  # noqa: F401  (the public names)
     EvalConfig,
     EvalJobConfig,
     ExportConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     PackingConfig,

@@ -11,6 +11,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ..core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpec
 from ..manifest import MANIFEST
 from .base import Strict, check_paths, exported_model, parse_policy, plain_name
+from .evaluation import ChatEvalConfig
+from .model import LoraConfig, ModelConfig  # noqa: F401  (LoraConfig: re-exported)
 
 if TYPE_CHECKING:
     from ..core.decode import Sampling, StopRules
@@ -33,30 +35,6 @@ class SchemaConfig(Strict):
         return StreamSchema(
             tuple(StreamSpec(**s.model_dump()) for s in self.streams), self.silence_token, self.pad_token
         )
-
-
-class ModelConfig(Strict):
-    family: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
-    pretrained: str | None = None  # a HF folder; when set, the sizes below are ignored
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int | None = None
-    intermediate_size: int | None = None
-    tie_embeddings: bool = True
-    attention: Literal["auto", "sdpa", "flex"] = "auto"
-    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30 % more compute
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.pretrained is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads}): "
-                             f"change model.hidden_size or model.num_heads")
-        kv = self.num_kv_heads
-        if self.pretrained is None and kv is not None and (kv <= 0 or self.num_heads % kv):
-            raise ValueError(f"num_kv_heads ({kv}) must be positive and divide num_heads ({self.num_heads})")
-        return self
 
 
 class SamplingConfig(Strict):
@@ -420,10 +398,11 @@ class ExportConfig(TrainConfig):
 
 # ---- evaluation (`ms-ray eval`, `ms-ray compare`) ----------------------------------------
 class EvalJobConfig(Strict):
-    """`ms-ray eval [CONFIG] checkpoint=PATH`: score a streams or single-stream skills model."""
+    """`ms-ray eval [CONFIG] checkpoint=PATH`: score a streams or single-stream skills model, or a chat model."""
 
     checkpoint: str
     eval: SkillEvalConfig = SkillEvalConfig()
+    chat: ChatEvalConfig | None = None  # set: score a chat model on held-out conversations instead (eval: ignored)
     output: str | None = None  # default: {checkpoint}/../eval
     name: str = "eval"
     wandb: WandbConfig = WandbConfig()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .lora import apply_lora
 from .model import MultiStreamLM
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -52,12 +53,17 @@ def tiny_base_model(
 
 def build_model(cfg, schema, tokenizer):
     """A MultiStreamLM from a ModelConfig: a pretrained HF folder converted in one call, or a
-    tiny random model of the given family. Returns (model, tokenizer)."""
+    tiny random model of the given family; with `cfg.lora` set, LoRA adapters over its base
+    (core/lora.py). Returns (model, tokenizer)."""
     if cfg.pretrained:
-        return MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
-    schema.add_special_tokens(tokenizer)
-    base = tiny_base_model(
-        cfg.family, len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-        cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
-    )
-    return MultiStreamLM(base, schema.bind(tokenizer), cfg.attention), tokenizer
+        model, tokenizer = MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
+    else:
+        schema.add_special_tokens(tokenizer)
+        base = tiny_base_model(
+            cfg.family, len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+            cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
+        )
+        model = MultiStreamLM(base, schema.bind(tokenizer), cfg.attention)
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)
+    return model, tokenizer

@@ -241,6 +241,9 @@ class MultiStreamLM(nn.Module):
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> Path:
         """One folder: standard HF config + safetensors for the base model (readable by any HF
         tool), the stream schema and the stream embedding beside them, and the tokenizer."""
+        if hasattr(self.base, "peft_config"):  # peft would save the adapters alone: no loadable folder
+            raise ValueError("save_pretrained: the base model carries LoRA adapters; merge them first "
+                             "(ms_ray.core.lora.merge_lora)")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.base.save_pretrained(folder)

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..data.skill_sessions import CONDITIONS
+from .chat import METRICS as CHAT_METRICS
 from .scoring import summary_order, task_order
 
 # (metric, column title, format, scale)
@@ -175,3 +176,28 @@ def write_report(out_dir: Path, title: str, summaries: dict[str, dict], records:
     for label, recs in records.items():
         write_records(recs, out_dir / f"records-{label}.jsonl")
     return markdown, plots
+
+
+# ---- the chat evaluation (evaluation/chat.py) ----------------------------------------------
+def chat_markdown(title: str, summary: dict, samples: list[dict], notes: str = "") -> str:
+    """The chat report: every number of chat.METRICS with its definition, then the sample sessions
+    (the first held-out conversations, in order: the user's text, the data's reply, what the model wrote)."""
+    lines = [f"# {title}", "", "| metric | value | what it is |", "|---|---:|---|"]
+    lines += [f"| {key} | {number(summary.get(key), fmt, scale)} | {what} |" for key, fmt, scale, what in CHAT_METRICS]
+    lines += ["", notes, ""] if notes else [""]
+    if samples:
+        lines += [f"## Sample sessions: the first {len(samples)} held-out conversations", ""]
+    for i, s in enumerate(samples, 1):
+        start = "no reply" if s["start_rows"] is None else f"reply starts {s['start_rows']:+d} rows after the user"
+        lines += [f"{i}. `{s['id']}`: {start}; {'ends cleanly' if s['ends_cleanly'] else 'does not end cleanly'}", "",
+                  "```text", f"user:  {s['user']}", f"data:  {s['data_written']}", f"model: {s['written']}", "```", ""]
+    return "\n".join(lines)
+
+
+def write_chat_report(out_dir: Path, markdown: str, summary: dict, records: list[dict], samples: int) -> None:
+    """report.md, summary.json (the numbers, NaN as null, and the samples) and records-chat.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(markdown + "\n")
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+    (out_dir / "summary.json").write_text(json.dumps({"chat": clean, "samples": records[:samples]}, indent=1) + "\n")
+    write_records(records, out_dir / "records-chat.jsonl")

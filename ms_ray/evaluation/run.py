@@ -1,4 +1,5 @@
-"""`ms-ray eval`: score an exported skills model on held-out examples; write and log the report."""
+"""`ms-ray eval`: score an exported skills model on held-out examples, or a chat model on held-out
+conversations (a `chat:` section); write and log the report."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from pathlib import Path
 
 from ..core.loading import load_export
 from ..tracking import log_report
+from .chat import METRICS as CHAT_METRICS
+from .chat import evaluate_chat
 from .harness import evaluate, held_out_examples, layout_of
-from .report import flat_metrics, write_report
+from .report import chat_markdown, flat_metrics, write_chat_report, write_report
 from .scoring import SUMMARY, summarize
 
-__all__ = ["held_out_examples", "score_checkpoint", "publish", "eval_checkpoint"]
+__all__ = ["held_out_examples", "score_checkpoint", "publish", "eval_checkpoint", "eval_chat"]
 
 
 def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
@@ -47,8 +50,10 @@ def publish(cfg, out: Path, title: str, summaries: dict, records: dict, notes: s
 
 
 def eval_checkpoint(cfg) -> dict:
-    """`ms-ray eval`: score one checkpoint; returns {task: {metric: value}}."""
+    """`ms-ray eval`: score one checkpoint; returns {task: {metric: value}} (chat: {metric: value})."""
     out = Path(cfg.output or Path(cfg.checkpoint).resolve().parent / "eval")
+    if cfg.chat is not None:
+        return eval_chat(cfg, out)
     records, info = score_checkpoint(cfg.checkpoint, cfg.eval)
     label = info["layout"]
     summaries = {label: summarize(records)}
@@ -58,3 +63,28 @@ def eval_checkpoint(cfg) -> dict:
              f"{info['eval_seconds']:.0f} s with {cfg.eval.batch_sessions} session(s) at a time.")
     publish(cfg, out, f"ms-ray eval: {label} model", summaries, {label: records}, notes, info)
     return summaries[label]
+
+
+def eval_chat(cfg, out: Path) -> dict:
+    """`ms-ray eval` with a `chat:` section (evaluation/chat.py): report.md, summary.json,
+    records-chat.jsonl in `out`, one W&B run; returns the summary."""
+    chat = cfg.chat
+    records, summary = evaluate_chat(cfg.checkpoint, chat)
+    notes = (f"{summary['checkpoint']}: {summary['parameters']:,} parameters, streams {summary['streams']}; the first "
+             f"{summary['conversations']} held-out conversations of {chat.data} (validation split, file order"
+             + (f"; {summary['skipped']} examples that are not one turn pair skipped" if summary["skipped"] else "")
+             + f"), decoded greedily with {chat.batch_sessions} session(s) at a time, {chat.slack_rows} rows past "
+             f"each conversation's end: {summary['decoded_rows']} rows in {summary['decode_seconds']:.0f} s. "
+             + (f"Reference: {chat.reference}." if chat.reference else "No reference: loss_before and "
+                "loss_sequential not measured."))
+    markdown = chat_markdown(f"ms-ray eval: chat model, {summary['conversations']} held-out conversations",
+                             summary, records[: chat.samples], notes)
+    write_chat_report(out, markdown, summary, records, chat.samples)
+    numbers = {f"chat/{k}": float(summary[k]) for k, *_ in CHAT_METRICS if summary[k] == summary[k]}  # no NaN
+    samples = (["id", "user", "data", "model"], [[r["id"], r["user"], r["data_written"], r["written"]]
+                                                 for r in records[: chat.samples]])
+    wandb_dir = log_report(cfg.wandb, cfg.name, out, cfg.model_dump(by_alias=True), numbers, {"samples": samples}, [])
+    print(markdown)
+    print(f"written to {out}: report.md, summary.json, records-chat.jsonl"
+          + (f"; W&B run in {wandb_dir}" if wandb_dir else ""))
+    return summary

@@ -157,7 +157,9 @@ def check_frame(frame: dict) -> dict:
         for name in ("stream", "text"):
             if not isinstance(frame.get(name), str):
                 raise ServeError("bad_frame", f"append frame: '{name}' must be a string")
-        unknown = set(frame) - {"type", "stream", "text"}
+        if not isinstance(frame.get("end", False), bool):
+            raise ServeError("bad_frame", "append frame: 'end' must be true or false")
+        unknown = set(frame) - {"type", "stream", "text", "end"}
     elif kind == "close":
         unknown = set(frame) - {"type"}
     else:

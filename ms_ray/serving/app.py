@@ -80,10 +80,10 @@ class SessionServer:
         except ServeError as e:
             return refusal(e)
 
-    async def append(self, session: str, stream: str, text: str, force: bool = False) -> dict:
+    async def append(self, session: str, stream: str, text: str, force: bool = False, end: bool = False) -> dict:
         try:
             self._owned(session)
-            return self.engine.append(session, stream, text, force)
+            return self.engine.append(session, stream, text, force, end=end)
         except ServeError as e:
             return refusal(e)
 

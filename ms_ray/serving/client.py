@@ -35,8 +35,10 @@ class Session:
     def close_reason(self) -> str | None:
         return self.ws.close_reason
 
-    async def append(self, stream: str, text: str) -> None:
-        await self.ws.send(json.dumps({"type": "append", "stream": stream, "text": text}))
+    async def append(self, stream: str, text: str, end: bool = False) -> None:
+        """end=True: the turn is over; the server adds the stream's end token (if it has one)."""
+        frame = {"type": "append", "stream": stream, "text": text}
+        await self.ws.send(json.dumps({**frame, "end": True} if end else frame))
 
     async def send_raw(self, data: str | bytes) -> None:
         await self.ws.send(data)

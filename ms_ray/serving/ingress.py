@@ -134,9 +134,11 @@ class Ingress:
             raise ServeError("forbidden", f"role {access.role!r} may not open sessions; attach to one by id")
         return await self.call(self.server.open.remote(**options))
 
-    async def append(self, access: Access, session: str, stream: str, text: str) -> dict:
+    async def append(self, access: Access, session: str, frame: dict) -> dict:
+        stream = frame["stream"]
         force = access.check_write(stream, self.policy.stream_roles)
-        return await self.call(self.server.append.remote(session=session, stream=stream, text=text, force=force))
+        return await self.call(self.server.append.remote(session=session, stream=stream, text=frame["text"],
+                                                         force=force, end=frame.get("end", False)))
 
     async def events(self, access: Access, session: str, from_row: int = 0):
         """Batches of events of a session; raises ServeError (session_lost when its replica dies)."""
@@ -215,7 +217,7 @@ class Ingress:
                     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
                     frame = parse_frame(raw, self.cfg.ingress.max_frame_bytes)
                     if frame["type"] == "append":
-                        await self.append(access, sid, frame["stream"], frame["text"])
+                        await self.append(access, sid, frame)
                     elif owner or access.write or access.force:
                         await self.call(self.server.close.remote(session=sid, reason="closed"))  # the end frame follows
                     else:
@@ -278,7 +280,7 @@ class Ingress:
             if body.get("type", "append") != "append":  # this endpoint appends; a frame of another type is a mistake
                 raise ServeError("bad_frame", f"this endpoint appends: type {body['type']!r} is not 'append'")
             frame = check_frame({**body, "type": "append"})
-            return await self.append(access, session, frame["stream"], frame["text"])
+            return await self.append(access, session, frame)
         except ServeError as e:
             return error_body(e)
 

@@ -105,6 +105,7 @@ class SessionEngine:
         self.ended: dict[str, LiveSession] = {}  # recently ended: late subscribers get the backlog and the end
         self.control_ids = set(self.schema.token_ids.values()) if self.schema.token_ids else set()
         self.unknown = tokenizer.unk_token_id
+        self.end_ids = self.schema.end_ids() if self.schema.token_ids else {}  # stream -> its end token id
         self.failure: str | None = None  # set when a step raised: the replica is unhealthy
         self.rows_total = 0
         self.step_seconds = 0.0
@@ -115,7 +116,8 @@ class SessionEngine:
 
     # ---- what clients call -----------------------------------------------------------------
     def describe(self) -> list[dict]:
-        return [{"name": s.name, "role": s.role} for s in self.schema.streams]
+        return [{"name": s.name, "role": s.role, **({"end_token": s.end_token} if s.end_token else {})}
+                for s in self.schema.streams]
 
     async def open(self, max_rows: int | None = None, end_on_end_token: bool | None = None, inputs=()) -> dict:
         """Start a session; its rows begin at once, on the row clock. max_rows/end_on_end_token
@@ -146,10 +148,13 @@ class SessionEngine:
             self.loop_task = asyncio.get_running_loop().create_task(self._run())
         return {"id": sid, "streams": self.describe()}
 
-    def append(self, session_id: str, stream: str, text: str, force: bool = False, at_row: int | None = None) -> dict:
+    def append(self, session_id: str, stream: str, text: str, force: bool = False, at_row: int | None = None,
+               end: bool = False) -> dict:
         """Queue `text` on an input stream; one token goes in per row, in order of arrival.
         force=True also takes an output stream: its tokens replace what the model would write.
-        at_row: not before that row (a tool's result, timed as in training)."""
+        at_row: not before that row (a tool's result, timed as in training). end=True: the turn is
+        over; the stream's end token (schema end_token, e.g. <|end_user|>) follows the text, as it
+        followed every input turn in training. On a stream without one, end changes nothing."""
         session = self._live(session_id)
         if stream not in self.schema.names:
             raise ServeError("unknown_stream", f"no stream {stream!r}; this model's streams are {self.schema.names}")
@@ -166,6 +171,8 @@ class SessionEngine:
         if not force:  # a word-level vocabulary still maps a typed "<|end|>" to the control token: unknown instead
             ids = [self.unknown if t in self.control_ids else t for t in ids]
             ids = [t for t in ids if t is not None]
+        if end and stream in self.end_ids:
+            ids.append(self.end_ids[stream])
         if at_row is None:
             session.inbox.append((stream, ids))
         else:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..core.loading import hf_bars_on_terminals_only
+from ..core.lora import merge_lora
 from ..tracking import TrainingDiverged
 
 TAG = "ckpt"
@@ -80,14 +81,22 @@ def full_state_dict(engine, zero_stage: int) -> dict | None:
 
 def export_model(state_dict: dict, make_model, tokenizer, out: Path) -> Path:
     """Write a consolidated MultiStreamLM folder from a full state dict (rank 0); refuses one
-    with non-finite values (NonFiniteWeights) before writing anything."""
+    with non-finite values (NonFiniteWeights) before writing anything.
+
+    A LoRA model (model.lora) is exported merged (core/lora.py merge_lora): W + (alpha / r) B A in
+    one plain folder, because serving and `load_export` read one plain MultiStreamLM folder and
+    need no peft. Weights the run froze may be missing from the state dict (DeepSpeed's ZeRO-1
+    checkpoints leave them out): make_model() rebuilds them as the run started, and they never
+    changed."""
     check_finite(state_dict)
     model = make_model()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {"base.lm_head.weight"} if model.base.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    tied = {n for n in missing if n.endswith("lm_head.weight")} if model.base.config.tie_word_embeddings else set()
+    if set(missing) - tied - frozen or unexpected:
         raise RuntimeError(f"export: state dict does not match the model (missing {missing}, unexpected {unexpected})")
     model.base.tie_weights()
+    model = merge_lora(model)
     with hf_bars_on_terminals_only():  # "Writing model shards"
         return model.save_pretrained(out, tokenizer)
 

@@ -40,6 +40,7 @@ from ray.train import Checkpoint
 from ..config import TrainConfig
 from ..core.families import build_model
 from ..core.loading import load_tokenizer
+from ..core.lora import trainable_share
 from ..core.model import IGNORE
 from ..core.streams import next_row_labels
 from ..evaluation.harness import evaluate, held_out_examples, is_skills_model, summarize
@@ -167,6 +168,10 @@ class TrainRecipe:
         if cfg.model.gradient_checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.schema = model.schema
+        if cfg.model.lora is not None and self.rank == 0:
+            trainable, total = trainable_share(model)  # before ZeRO-3 partitions (empties) the tensors
+            print(f"LoRA rank {cfg.model.lora.rank}: {trainable:,} of {total:,} weights train "
+                  f"({100 * trainable / total:.2f} %)", flush=True)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim),
             config=deepspeed_config(cfg, self.micro_batch),
@@ -373,9 +378,11 @@ class TrainRecipe:
         self.tracker.finish(exit_code=1)
 
     def export(self) -> bool:
-        """Consolidated HF export (ZeRO-3: gathered from every rank) and a logits probe that the
-        tests compare the export against. False on rank 0 when the weights are not finite
-        (nothing is exported); a last guard, as the loop stops on a non-finite loss first."""
+        """Consolidated HF export (ZeRO-3: gathered from every rank, frozen weights included) and a
+        logits probe that the tests compare the export against: the probe comes from the engine's
+        model, so with LoRA it checks the merged export against the unmerged adapters. False on
+        rank 0 when the weights are not finite (nothing is exported); a last guard, as the loop
+        stops on a non-finite loss first."""
         state_dict = full_state_dict(self.engine, self.cfg.deepspeed.zero_stage)
         self.engine.eval()
         with torch.no_grad():

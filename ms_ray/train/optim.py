@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from ..core.lora import rows_only
+
 
 def lr_lambda(step: int, optim) -> float:
     """Multiplier of the base learning rate: linear warmup, then cosine / constant / WSD."""
@@ -46,7 +48,13 @@ def deepspeed_config(cfg, micro_batch: int) -> dict:
 
 
 def param_groups(model, optim) -> list[dict]:
-    """The stream embedding gets its own learning rate and no weight decay."""
+    """The trainable parameters only: with LoRA most of the model is frozen, and DeepSpeed keeps
+    gradients, optimizer states and fp32 copies only for what it is given. The stream embedding
+    gets its own learning rate and no weight decay; a tensor of which only some rows train
+    (LoRA's special-token rows) gets no weight decay either, as decay would shrink the frozen rows."""
     stream = [model.stream_embed.weight]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("stream_embed")]
-    return [{"params": rest}, {"params": stream, "lr": optim.stream_embed_lr or optim.lr, "weight_decay": 0.0}]
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("stream_embed")]
+    groups = [{"params": [p for p in trainable if not rows_only(p)]},
+              {"params": stream, "lr": optim.stream_embed_lr or optim.lr, "weight_decay": 0.0}]
+    rows = [p for p in trainable if rows_only(p)]
+    return groups + ([{"params": rows, "weight_decay": 0.0}] if rows else [])

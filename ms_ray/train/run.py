@@ -149,6 +149,9 @@ def datasets_of(cfg, manifest: dict) -> dict:
 def trainer_of(cfg, datasets: dict, run_dir: Path) -> TorchTrainer:
     scaling = cfg.scaling
     remote = bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+    if cfg.model.pretrained and Path(cfg.model.pretrained).exists():  # workers run in another folder
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"pretrained": str(Path(cfg.model.pretrained).resolve())})})
     loop_config = {"cfg": cfg.model_dump_json(by_alias=True), "run_dir": str(run_dir),
                    "data_dir": str(Path(cfg.data.path).resolve()),
                    "tty": sys.stdout.isatty() and sys.stderr.isatty()}  # rank 0 draws a progress bar

@@ -189,6 +189,7 @@ def test_bad_utf8_and_bad_json():
     ('{"type": "append", "stream": "user", "text": null}', "'text'"),
     ('{"type": "append", "stream": "user", "text": ["a"]}', "'text'"),
     ('{"type": "append", "stream": "user", "text": "hi", "force": true}', "'force'"),
+    ('{"type": "append", "stream": "user", "text": "hi", "end": "yes"}', "'end'"),
     ('{"type": "append", "stream": "user", "text": "hi", "b": 1, "a": 2}', "['a', 'b']"),
     ('{"type": "close", "session": "x"}', "'session'"),
 ])

@@ -108,7 +108,8 @@ def test_open_returns_an_id_naming_the_replica_and_the_streams(skill_model, tok,
         a, b = await engine.open(max_rows=3), await engine.open(max_rows=3)
         for info in (a, b):
             assert replica_of(info["id"]) == "replica7" and info["id"].startswith("replica7.")
-            assert info["streams"] == [{"name": s.name, "role": s.role} for s in sch.streams]
+            ends = {s.name: {"end_token": s.end_token} for s in sch.streams if s.end_token}
+            assert info["streams"] == [{"name": s.name, "role": s.role, **ends.get(s.name, {})} for s in sch.streams]
         assert a["id"] != b["id"]
         assert engine.stats()["sessions"] == 2
         await close_all(engine)
@@ -378,6 +379,35 @@ def test_close_racing_the_last_row_keeps_the_first_end(skill_model, tok):
         await gen.aclose()
         assert live[-1] == {"type": "end", "reason": "max_rows"}
         assert (await read(engine, sid))[-1] == live[-1]  # a late subscriber hears the same end
+
+    run(main())
+
+
+def test_an_append_that_ends_the_turn_adds_the_stream_s_end_token(skill_model, tok):
+    """end=True: the input stream's end token follows the text (a chat model's <|end_user|>, as after
+    every user turn in training); typed, the same token is only text; a stream without one is unchanged."""
+    from conftest import WORDS, word_tokenizer
+
+    from ms_ray.core.streams import StreamSchema, StreamSpec
+
+    chat = StreamSchema((StreamSpec("user", "input", end_token="<|end_user|>"),
+                         StreamSpec("output", "output", end_token="<|end|>")))
+    words = word_tokenizer(WORDS, chat)
+    chat_model = make_model(chat.bind(words), len(words))
+
+    async def main():
+        engine = engine_for(chat_model, words)
+        sid = (await engine.open(max_rows=6))["id"]
+        assert (await engine.open())["streams"][0] == {"name": "user", "role": "input", "end_token": "<|end_user|>"}
+        assert engine.append(sid, "user", "hello there", end=True)["tokens"] == 3
+        assert engine.append(sid, "user", " <|end_user|>")["tokens"] == 1  # typed: unknown, never the control token
+        user = [e["cells"].get("user") for e in rows_of(await read(engine, sid))][:4]
+        assert [c.strip() for c in user[:3]] == ["hello", "there", "<|end_user|>"] and "<|end_user|>" not in user[3]
+        skills = engine_for(skill_model, tok)
+        sid = (await skills.open(max_rows=2))["id"]
+        assert skills.append(sid, "user", "cat dog", end=True)["tokens"] == 2  # the skills' user has no end token
+        await close_all(engine)
+        await close_all(skills)
 
     run(main())
 

@@ -6,8 +6,10 @@ columns, see the error for a bad key, watch as a monitor. And the short-trained 
 (conftest.skills_export) in its own server at the shipped row clock, answering two questions
 typed into the page, checked exactly from its output column.
 
-Also a script that makes the README's screenshot with the trained model:
+Also a script that makes the README's screenshots with a trained model:
     .venv/bin/python tests/serving/test_web.py [runs/train/tiny/export] [docs/web.png]
+    .venv/bin/python tests/serving/test_web.py runs/train/smollm2-chat/export docs/web-smollm2.png \
+        "hi, how are you doing today?" serve/smollm2.yaml
 """
 
 import json
@@ -314,15 +316,16 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
 
 
 # ---- the README's screenshot -------------------------------------------------------------------
-def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question="what is 6 times 7") -> None:
+def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question="what is 6 times 7",
+               config=None) -> None:
     """A live session with the trained model at the shipped row clock: Connect, the question typed
     into the page and sent with Enter, the answer (tool call, tool result, output) on screen, saved
-    as a PNG."""
+    as a PNG. config: a serve file (serve/smollm2.yaml for the real-language model)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_serve(Path(checkpoint).resolve(), [], Path(tmp) / "serve.log")
+        proc, url = start_serve(Path(checkpoint).resolve(), [], Path(tmp) / "serve.log", config)
         try:
             driver = chromium(f"{tmp}/profile")
             try:
@@ -331,7 +334,7 @@ def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question
                 wait_page(driver, "the session to open", lambda s: s["state"] == "open", 30)
                 time.sleep(1.0)
                 driver.find_element(By.ID, "say").send_keys(question, Keys.ENTER)
-                wait_page(driver, "the answer", lambda s: "<|end|>" in s["texts"].get("output", ""), 90)
+                wait_page(driver, "the answer", lambda s: "<|end|>" in s["texts"].get("output", ""), 180)
                 time.sleep(1.0)
                 height = driver.execute_script("return document.documentElement.scrollHeight")
                 driver.set_window_size(1280, min(height + 8, 1200))  # the page, without blank space below
@@ -346,4 +349,4 @@ def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question
 
 
 if __name__ == "__main__":
-    screenshot(*sys.argv[1:3])
+    screenshot(*sys.argv[1:5])

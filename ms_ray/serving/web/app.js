@@ -199,6 +199,12 @@ function liveWords() {
   return $("live-words").checked;
 }
 
+// A stream whose turns end with an end token in training (a chat model's user: <|end_user|>):
+// Enter sends the line with end: true, and the server adds that token after it.
+function hasEndToken(stream) {
+  return Boolean(info && info.streams.some((s) => s.name === stream && s.end_token));
+}
+
 function isOpen() {
   return Boolean(ws && ws.readyState === WebSocket.OPEN && info);
 }
@@ -215,9 +221,10 @@ function sendPending(mode) {
     chunk = chunk.replace(/\s+$/, ""); // trailing spaces wait for the next word
   }
   const stream = writeStream;
-  if (chunk.trim() && stream && isOpen()) {
+  const endsTurn = mode === "line" && hasEndToken(stream); // Enter: the turn is over (e.g. <|end_user|>)
+  if ((chunk.trim() || endsTurn) && stream && isOpen()) {
     const text = !sent && (wrote[stream] || texts[stream]) && /^\S/.test(chunk) ? " " + chunk : chunk;
-    ws.send(JSON.stringify({ type: "append", stream, text }));
+    ws.send(JSON.stringify(endsTurn ? { type: "append", stream, text, end: true } : { type: "append", stream, text }));
     wrote[stream] = true;
     sent += chunk;
   }
