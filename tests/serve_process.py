@@ -23,8 +23,8 @@ def start_serve(checkpoint, overrides: list[str], log: Path, config: str | None 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MS_RAY_MONITOR_KEY=MONITOR_KEY, MS_RAY_OPERATOR_KEY="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms_ray.cli", "serve", *([config] if config else []), f"checkpoint={checkpoint}", f"port={port}", "log_level=WARNING",
-         "model.num_cpus=0", *overrides],
+        [sys.executable, "-m", "ms_ray.cli", "serve", *([config] if config else []), f"checkpoint={checkpoint}",
+         f"port={port}", "log_level=WARNING", "model.num_cpus=0", *overrides],
         cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
