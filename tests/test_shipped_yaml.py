@@ -1,5 +1,6 @@
 """Every YAML the project ships in jobs/ and serve/ is parsed and validated here (cluster/: tests/test_cluster.py)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,19 @@ TYPED = {
 GPU_PRESETS = {"jobs/qwen3-0.6b-zero2.yaml", "jobs/qwen3-8b-zero3-offload.yaml"}  # cluster paths (/mnt/...)
 
 
+def imported_models() -> set[str]:
+    """Where a make target writes `ms-ray import`'s HF folder (make smollm2: `SMOLLM2 := path`)."""
+    return set(re.findall(r"^SMOLLM2 := (\S+)$", (ROOT / "Makefile").read_text(), re.M))
+
+
 def shipped_outputs() -> set[str]:
-    """Where shipped jobs write: an input there is made by running another shipped job."""
+    """Where shipped jobs (and the make targets' `ms-ray import`) write: an input there is made by
+    running another shipped job."""
     configs = [load_config(cls, ROOT / p, check_paths=False) for p, cls in TYPED.items()
                if cls is not config.ServeConfig]
     outputs = {c.output for c in configs if isinstance(c, (config.PrepareConfig, config.TokenizerTrainConfig))}
-    return outputs | {f"{c.run.storage}/{c.run.name}/export" for c in configs if isinstance(c, config.TrainConfig)}
+    exports = {f"{c.run.storage}/{c.run.name}/export" for c in configs if isinstance(c, config.TrainConfig)}
+    return outputs | exports | imported_models()
 # cluster/ (launcher config, KubeRay manifests) is checked by tests/test_cluster.py instead
 SHIPPED = sorted(str(p.relative_to(ROOT)) for d in ("jobs", "serve") for p in (ROOT / d).rglob("*.y*ml"))
 
@@ -57,7 +65,7 @@ def test_shipped_yaml_is_valid(path):
             assert cfg.scaling.use_gpu and cfg.model.pretrained and cfg.deepspeed.precision == "bf16"
             assert cfg.run.storage.startswith("/mnt/shared")  # every node must see the checkpoints
         else:
-            inputs.append(cfg.data.path)
+            inputs += [cfg.data.path] + ([cfg.model.pretrained] if cfg.model.pretrained else [])
         for p in inputs:
             made = p in shipped_outputs()
             assert (ROOT / p).exists() or made, f"{path}: input {p} neither ships nor is made by a shipped job"
@@ -70,9 +78,8 @@ def test_shipped_yaml_is_valid(path):
         assert (ROOT / cfg.checkpoint).exists() or cfg.checkpoint in shipped_outputs()
         if cfg.chat is not None:  # its data is a shipped job's; its reference what `ms-ray import` writes
             assert (ROOT / cfg.chat.data).exists() or cfg.chat.data in shipped_outputs()
-            made = {c.tokenizer for c in (load_config(config.PrepareConfig, ROOT / p, check_paths=False)
-                                          for p, cls in TYPED.items() if cls is config.PrepareConfig)}
-            assert cfg.chat.reference is None or (ROOT / cfg.chat.reference).exists() or cfg.chat.reference in made
+            assert cfg.chat.reference is None or (ROOT / cfg.chat.reference).exists() \
+                or cfg.chat.reference in shipped_outputs()
     if isinstance(cfg, config.CompareConfig):  # both arms load, with the same budget and data a shipped job makes
         from ms_ray.experiments.compare import arm_configs
 
