@@ -1,7 +1,7 @@
 """Serving benchmark: N concurrent WebSocket sessions against ONE session-server replica.
 
-Run:  .venv/bin/python benchmarks/bench_serve.py           (~3 min)
-      .venv/bin/python benchmarks/bench_serve.py --quick   (smoke run, < 1.5 min)
+Run:  .venv/bin/python benchmarks/bench_serve.py           (~6 min)
+      .venv/bin/python benchmarks/bench_serve.py --quick   (smoke run, ~2 min)
 
 Everything on this machine: a local Ray on 127.0.0.1, Ray Serve (proxy -> FastAPI ingress ->
 SessionServer with one replica, 1 CPU), the client (one asyncio process, N WebSockets) beside it.
@@ -10,20 +10,26 @@ skill streams; every output stream is sampled greedily and kept talking (silence
 every row carries text in every stream.
 
 For each N = 1, 4, 16, 64: N sessions open at once, each appends a few words, then the client
-counts row frames for `--seconds` after a warm-up.
-  rows/s        aggregate row frames per second over all N sessions
+counts rows for `--seconds` after a warm-up.
+  rows/s        aggregate rows received per second over all N sessions
   vs 1          rows/s divided by the single-session rows/s
-  p50/p99 ms    time between consecutive row frames of a session, pooled over sessions
-Table (a) steps as fast as the model goes (row_interval_s = 0): the batching limit. Table (b) runs
-the real-time row clock (row_interval_s = 0.05, 20 rows/s per session): does one replica keep
-every session on time? Goals (issue 5): 16 sessions >= 8x the rows/s of one; p99 row interval of
-16 sessions < 3x the single-session p50.
+  p50/p99 ms    time between consecutive frames of a session that carry rows, pooled over sessions
+  rows/frame    rows per such frame (protocol v2 puts every row ready at once in one frame)
+Table (a) steps as fast as the model goes (row_interval_s = 0): the batching limit; (b) runs the
+real-time row clock (row_interval_s = 0.05, 20 rows/s per session): does one replica keep every
+session on time? Each is run with protocol v1 (a frame per row) and v2 (`rows` frames). Table (p)
+is where the CPU goes: CPU seconds of each process per 1,000 rows delivered, at 16 unpaced
+sessions. Goals (issue 16): unpaced, 16 sessions >= 8x the rows/s of one and p99 gap < 3x the
+single-session p50; paced, 64 sessions >= 95 % of 1,280 rows/s with p99 gap < 3x p50.
+Connections use `websockets` directly (not ms_ray's client), so the script also measures older
+code: copy it into a checkout and run it there (the "before" of a change).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -35,13 +41,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ms_ray.config import ServeConfig  # noqa: E402
-from ms_ray.serving.client import connect_session, wait_ready  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(app_url: str, seconds: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{app_url}/readyz", timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{app_url} was not ready within {seconds:g} s")
 
 
 def save_checkpoint(folder: Path) -> Path:
@@ -61,64 +80,151 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def measure(url: str, n: int, warmup: float, seconds: float) -> dict:
-    """Open n sessions, keep them talking, count row frames in [warmup, warmup + seconds)."""
-    stamps: list[list[float]] = [[] for _ in range(n)]
+def rows_in(frame: dict) -> int:
+    if frame["type"] == "row":
+        return 1
+    if frame["type"] == "rows":
+        return len(frame["rows"])
+    raise RuntimeError(f"unexpected frame {frame}")
+
+
+async def measure(url: str, n: int, warmup: float, seconds: float, version: int) -> dict:
+    """Open n sessions, keep them talking, count rows in [warmup, warmup + seconds)."""
+    from websockets.asyncio.client import connect
+
+    stamps: list[list[tuple[float, int]]] = [[] for _ in range(n)]  # (arrival, rows) of frames with rows
     started = asyncio.Event()
     t0 = {}
 
     async def one(i: int):
-        async with connect_session(url, max_queue=None) as s:
-            assert s.first["type"] == "session", s.first
-            await s.append("user", " 1 2 3 4 5 6 7 8")
+        async with connect(f"{url}/v1/sessions" + ("?v=2" if version == 2 else ""), max_size=None,
+                           open_timeout=60, max_queue=None) as ws:
+            first = json.loads(await ws.recv())
+            assert first["type"] == "session", first
+            await ws.send(json.dumps({"type": "append", "stream": "user", "text": " 1 2 3 4 5 6 7 8"}))
             await started.wait()
             end = t0["t"] + warmup + seconds
             while (now := time.perf_counter()) < end:
-                frame = await s.recv(30)
-                if frame is None or frame["type"] != "row":
-                    raise RuntimeError(f"session {i}: {frame}")
-                if now >= t0["t"] + warmup:
-                    stamps[i].append(time.perf_counter())
-            await s.close()
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                rows = rows_in(frame)
+                if now >= t0["t"] + warmup and rows:
+                    stamps[i].append((time.perf_counter(), rows))
+            await ws.send(json.dumps({"type": "close"}))
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except Exception:
+                pass
 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
-    await asyncio.sleep(0.5 + 0.02 * n)  # let every session open before the clock starts
+    await asyncio.sleep(0.5 + 0.03 * n)  # let every session open before the clock starts
     t0["t"] = time.perf_counter()
     started.set()
     await asyncio.gather(*tasks)
-    intervals = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    return {"n": n, "rows_per_s": sum(len(s) for s in stamps) / seconds,
-            "p50_ms": 1000 * percentile(intervals, 0.5), "p99_ms": 1000 * percentile(intervals, 0.99)}
+    gaps = [b[0] - a[0] for s in stamps for a, b in zip(s, s[1:])]
+    rows = sum(r for s in stamps for _, r in s)
+    frames = sum(len(s) for s in stamps)
+    return {"n": n, "rows_per_s": rows / seconds, "p50_ms": 1000 * percentile(gaps, 0.5),
+            "p99_ms": 1000 * percentile(gaps, 0.99), "rows_per_frame": rows / max(1, frames), "rows": rows}
 
 
 def table(results: list[dict]) -> str:
     base = results[0]["rows_per_s"]
-    lines = ["| sessions | rows/s | vs 1 | p50 ms | p99 ms |", "|---:|---:|---:|---:|---:|"]
+    lines = ["| sessions | rows/s | vs 1 | p50 ms | p99 ms | rows/frame |", "|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['n']} | {r['rows_per_s']:.0f} | {r['rows_per_s'] / base:.1f}x | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r.get('rows_per_frame', 1):.1f} |")
     return "\n".join(lines)
 
 
-def goals(results: list[dict]) -> str:
+def goals(results: list[dict], paced: bool) -> str:
     one = results[0]
+    if paced:
+        top = max(results, key=lambda r: r["n"])
+        want = 0.95 * top["n"] * 20
+        spread = top["p99_ms"] / one["p50_ms"]
+        return (f"- {top['n']} paced sessions: {top['rows_per_s']:.0f} rows/s of {top['n'] * 20} "
+                f"(goal >= {want:.0f}): {'met' if top['rows_per_s'] >= want else 'MISSED'}\n"
+                f"- p99 gap at {top['n']} = {spread:.1f}x the single-session p50 (goal < 3x): "
+                f"{'met' if spread < 3 else 'MISSED'}")
     sixteen = next((r for r in results if r["n"] == 16), None)
     if sixteen is None:
         return ""
     ratio = sixteen["rows_per_s"] / one["rows_per_s"]
     spread = sixteen["p99_ms"] / one["p50_ms"]
     return (f"- 16 sessions = {ratio:.1f}x the rows/s of one (goal >= 8x): {'met' if ratio >= 8 else 'MISSED'}\n"
-            f"- p99 interval at 16 = {spread:.1f}x the single-session p50 (goal < 3x): "
+            f"- p99 gap at 16 = {spread:.1f}x the single-session p50 (goal < 3x): "
             f"{'met' if spread < 3 else 'MISSED'}")
+
+
+def serve_processes(app: str) -> dict[str, int]:
+    """Role -> pid of the Serve processes of `app` (proxy, ingress, session server; Ray names its
+    workers `ray::ServeReplica:APP:DEPLOYMENT`), Ray's own, and this client."""
+    import psutil
+
+    parts = {"proxy": "ray::ProxyActor", "ingress": f"ServeReplica:{app}:Ingress",
+             "session server": f"ServeReplica:{app}:SessionServer", "serve controller": "ray::ServeController"}
+    roles = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        program = (proc.info["cmdline"] or [""])[0]
+        for role, part in parts.items():
+            if line.startswith("ray::") and part in line[:120]:
+                roles[role] = proc.info["pid"]
+        for role in ("gcs_server", "raylet"):
+            if program.endswith(role):
+                roles[role] = proc.info["pid"]
+    roles["client (this process)"] = os.getpid()
+    return roles
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for role, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[role] = t.user + t.system
+        except psutil.Error:
+            out[role] = float("nan")
+    return out
+
+
+def profile(url: str, app: str, n: int, seconds: float, version: int) -> tuple[dict[str, float], int]:
+    """CPU seconds per process over one measurement, and the rows it delivered."""
+    pids = serve_processes(app)
+    before = cpu_seconds(pids)
+    result = asyncio.run(measure(url, n, 0.0, seconds, version))
+    after = cpu_seconds(pids)
+    return {role: after[role] - before[role] for role in pids}, result["rows"]
+
+
+def profile_table(profiles: dict[str, tuple[dict[str, float], int]]) -> str:
+    labels = list(profiles)
+    roles = list(next(iter(profiles.values()))[0])
+    lines = ["| process | " + " | ".join(f"{label}: CPU s per 1,000 rows" for label in labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for role in roles + ["total"]:
+        cells = []
+        for label in labels:
+            cpu, rows = profiles[label]
+            value = sum(cpu.values()) if role == "total" else cpu[role]
+            cells.append(f"{1000 * value / max(rows, 1):.2f}")
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    lines.append("| rows delivered | " + " | ".join(str(profiles[label][1]) for label in labels) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--versions", default="1,2", help="protocol versions to run (the code before v2: 1)")
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     counts = (1, 4, 16) if args.quick else (1, 4, 16, 64)
+    versions = [int(v) for v in args.versions.split(",")]
     start = time.perf_counter()
 
     from ray import serve
@@ -129,12 +235,15 @@ def main() -> None:
     init_ray(num_cpus=2)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    # no tool runner: `actors: []` (before stream actors: `tools: {enabled: false}`, for the "before" run)
+    no_tools = {"actors": []} if "actors" in ServeConfig.model_fields else {"tools": {"enabled": False}}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(Path(tmp) / "tiny")
+        profiles = {}
         for label, interval in (("a", 0.0), ("b", 0.05)):
             cfg = ServeConfig.model_validate({
                 "checkpoint": str(checkpoint), "name": f"bench{label}", "route_prefix": f"/bench{label}",
-                "log_level": "WARNING", "tools": {"enabled": False},
+                "log_level": "WARNING", **no_tools,
                 "model": {"num_cpus": 1, "max_sessions_per_replica": 80},
                 "session": {"row_interval_s": interval, "max_rows": 100000,
                             "sampling": {s: {"silence_penalty": 1e4} for s in ("think", "output", "tool_call")}},
@@ -142,17 +251,23 @@ def main() -> None:
             serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
             wait_ready(f"http://127.0.0.1:{port}/bench{label}")
             url = f"ws://127.0.0.1:{port}/bench{label}"
-            asyncio.run(measure(url, 1, 0.5, 1.0))  # warm the whole path once
-            results = [asyncio.run(measure(url, n, 1.0, seconds)) for n in counts]
             what = "as fast as the model goes (row_interval_s = 0)" if interval == 0 else \
                 f"real-time row clock (row_interval_s = {interval}, {1 / interval:.0f} rows/s per session)"
-            print(f"## ({label}) One replica, {what}, {seconds:g} s per point\n")
-            print(table(results))
-            print()
-            print(goals(results))
-            print()
+            for version in versions:
+                asyncio.run(measure(url, 1, 0.5, 1.0, version))  # warm the whole path once
+                results = [asyncio.run(measure(url, n, 1.0, seconds, version)) for n in counts]
+                print(f"## ({label}) One replica, {what}, protocol v{version}, {seconds:g} s per point\n")
+                print(table(results))
+                print()
+                print(goals(results, paced=interval > 0))
+                print(flush=True)
+                if interval == 0:
+                    profiles[f"v{version}"] = profile(url, cfg.name, 16, seconds, version)
             serve.delete(cfg.name)
         serve.shutdown()
+        print("## (p) Where the CPU goes: 16 unpaced sessions, CPU seconds per 1,000 rows delivered\n")
+        print(profile_table(profiles))
+        print()
         print("## (c) The decoder alone, in this process (no Serve, no sockets), same model, 1 thread\n")
         print(decoder_alone(checkpoint, counts, seconds))
     print(f"\nTotal run time: {time.perf_counter() - start:.1f} s")

@@ -219,3 +219,41 @@ def skills_export(tmp_path_factory):
         cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return tmp / "train" / "live" / "export"
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tmp_path_factory):
+    """Two apps on one Serve instance (real sockets on 127.0.0.1, a tiny random model), started
+    once for the serving tests (tests/served_app.py): main (16+ sessions per replica, the
+    calculator and the session recorder, per-role keys) and small (one session per replica:
+    "busy", a replica dying)."""
+    from ray import serve
+    from served_app import app_config, free_port, recording
+
+    from ms_ray.core.families import tiny_base_model
+    from ms_ray.core.model import MultiStreamLM
+    from ms_ray.data.skills import SKILL_STREAMS
+    from ms_ray.data.tokenizer import skill_tokenizer
+    from ms_ray.serving.app import build
+    from ms_ray.serving.client import wait_ready
+
+    tok = skill_tokenizer()
+    sch = SKILL_STREAMS.bind(tok)
+
+    checkpoint = tmp_path_factory.mktemp("serve") / "tiny"
+    MultiStreamLM(tiny_base_model("llama", len(tok), seed=0), sch).save_pretrained(checkpoint, tok)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    sessions = tmp_path_factory.mktemp("recorded")
+    apps = {
+        "main": app_config(checkpoint, port, "main", actors=recording(sessions)),
+        "small": app_config(checkpoint, port, "small", model={"max_sessions_per_replica": 1}),
+    }
+    for cfg in apps.values():
+        serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for name in apps:
+        wait_ready(f"{base}/{name}")
+    yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "checkpoint": checkpoint, "port": port, "apps": apps,
+           "sessions": sessions}
+    serve.shutdown()

@@ -24,9 +24,10 @@ def test_serve_benchmark_quick_run():
     run = subprocess.run([sys.executable, "benchmarks/bench_serve.py", "--quick"], cwd=ROOT,
                          capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
-    for title in ("## (a) One replica, as fast", "## (b) One replica, real-time", "## (c) The decoder alone"):
+    for title in ("## (a) One replica, as fast", "## (b) One replica, real-time", "## (c) The decoder alone",
+                  "protocol v1", "protocol v2", "## (p) Where the CPU goes"):
         assert title in run.stdout
-    assert "| 16 |" in run.stdout
+    assert "| 16 |" in run.stdout and "| session server |" in run.stdout and "| proxy |" in run.stdout
 
 
 @pytest.mark.slow

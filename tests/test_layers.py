@@ -25,6 +25,9 @@ LAZY = {
     "ms_ray.cli": "Ray reads its environment once, at import: a command's module is imported only "
                   "after ray_env.set_environment",
     "ms_ray.config.jobs": "the torch-free ingress validates its config: core.decode imports torch",
+    "ms_ray.config.model": "the torch-free ingress validates its config: core.decode imports torch",
+    "ms_ray.serving.stream_actors": "the torch-free ingress validates its config, which imports the actor "
+                                    "classes: core.loading imports torch (only the recorder needs it)",
 }
 
 

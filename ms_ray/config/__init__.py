@@ -58,11 +58,11 @@ from .jobs import (  # noqa: F401  (the public names)
 )
 from .serve import (  # noqa: F401  (the public names)
     DEFAULT_ROLES,
+    ActorConfig,
     IngressConfig,
     ModelReplicaConfig,
     RoleConfig,
     ServeConfig,
     SessionConfig,
-    ToolsConfig,
     load_serve_file,
 )

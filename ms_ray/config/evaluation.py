@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..manifest import MANIFEST
 from .base import Strict, check_paths
+from .model import SamplingConfig
 
 
 class ChatEvalConfig(Strict):
@@ -24,6 +25,7 @@ class ChatEvalConfig(Strict):
     start_within: int = Field(4, ge=0)  # a reply starts in time: at most this many rows after the user's last token
     slack_rows: int = Field(16, ge=0)  # rows decoded after the reference conversation's last row
     batch_sessions: int = Field(1, gt=0)  # 1: each conversation decoded alone (rows/s of one session)
+    sampling: SamplingConfig = SamplingConfig()  # of the reply stream (default: greedy)
 
     @field_validator("data")
     @classmethod

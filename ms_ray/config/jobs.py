@@ -12,7 +12,7 @@ from ..core.streams import DEFAULT_PAD, DEFAULT_SILENCE, StreamSchema, StreamSpe
 from ..manifest import MANIFEST
 from .base import Strict, check_paths, exported_model, parse_policy, plain_name
 from .evaluation import ChatEvalConfig
-from .model import LoraConfig, ModelConfig  # noqa: F401  (LoraConfig: re-exported)
+from .model import LoraConfig, ModelConfig, SamplingConfig  # noqa: F401  (LoraConfig: re-exported)
 
 if TYPE_CHECKING:
     from ..core.decode import Sampling, StopRules
@@ -35,18 +35,6 @@ class SchemaConfig(Strict):
         return StreamSchema(
             tuple(StreamSpec(**s.model_dump()) for s in self.streams), self.silence_token, self.pad_token
         )
-
-
-class SamplingConfig(Strict):
-    temperature: float = Field(0.0, ge=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    silence_penalty: float = 0.0
-
-    def build(self) -> Sampling:
-        from ..core.decode import Sampling  # torch is imported only where a model runs (not in the ingress)
-
-        return Sampling(**self.model_dump())
 
 
 class DecodeConfig(Strict):

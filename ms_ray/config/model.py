@@ -1,12 +1,16 @@
-"""`model:` of a training job: the model's family and sizes, or a pretrained folder, and LoRA."""
+"""`model:` of a training job: the model's family and sizes, or a pretrained folder, and LoRA;
+and how a model's output streams are sampled (decoding, serving, evaluation)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import Strict
+
+if TYPE_CHECKING:
+    from ..core.decode import Sampling
 
 # the attention and MLP projections of Llama, Qwen2/3 and Mistral: LoRA's usual targets
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,3 +74,16 @@ class ModelConfig(Strict):
         if self.pretrained is None and kv is not None and (kv <= 0 or self.num_heads % kv):
             raise ValueError(f"num_kv_heads ({kv}) must be positive and divide num_heads ({self.num_heads})")
         return self
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    silence_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, ge=1.0)  # > 1: a stream's tokens of its current turn are less likely again
+
+    def build(self) -> Sampling:
+        from ..core.decode import Sampling  # torch is imported only where a model runs (not in the ingress)
+
+        return Sampling(**self.model_dump())

@@ -1,15 +1,17 @@
-"""The config of `ms-ray serve`: the `args` of serve/*.yaml (one app, three deployments),
-roles and their keys, sessions, tools, the ingress."""
+"""The config of `ms-ray serve`: the `args` of serve/*.yaml (one app: the ingress, the model
+replicas and the stream actors), roles and their keys, sessions, the ingress."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .base import ConfigError, Strict, exported_model, load_config, read_yaml
-from .jobs import SamplingConfig
+from .model import SamplingConfig
 
 
 # ---- serving (`ms-ray serve`, serve/*.yaml) ---------------------------------------------
@@ -22,12 +24,20 @@ class RoleConfig(Strict):
     force: list[str] = []  # output streams it may force (teacher forcing: the model's cell is replaced)
     read: list[str] = ["*"]  # streams it may read; "*" = every stream of the model
     hidden: list[str] = []  # taken out of `read`
+    # a session belongs to its opener (its session token); a trusted back end (tools, operators)
+    # may write to and close any session it can name
+    any_session: bool = False
+    # limits per client (its key; without a key, its address), kept by each ingress replica
+    max_sessions: int | None = Field(None, gt=0)  # sessions open at once
+    max_watchers: int | None = Field(None, gt=0)  # sessions watched without owning them
+    appends_per_s: float | None = Field(None, gt=0)  # sustained append rate ...
+    append_burst: int = Field(20, gt=0)  # ... after a burst of this many
 
 
 DEFAULT_ROLES = {
     "user": RoleConfig(write=["user"], hidden=["think"]),
-    "tool": RoleConfig(open=False, write=["tool"], read=["tool_call", "tool"]),
-    "operator": RoleConfig(write=["system", "user"], hidden=["think"]),
+    "tool": RoleConfig(open=False, write=["tool"], read=["tool_call", "tool"], any_session=True),
+    "operator": RoleConfig(write=["system", "user"], hidden=["think"], any_session=True),
     "monitor": RoleConfig(open=False),
 }
 
@@ -73,17 +83,45 @@ class SessionConfig(Strict):
     seed: int = 0
 
 
-class ToolsConfig(Strict):
-    enabled: bool = True  # needs both streams in the model's schema
-    call_stream: str = "tool_call"
-    result_stream: str = "tool"
-    timeout_s: float = Field(10, gt=0)
-    # the result enters the tool stream this many rows after the call's last token (the skills
-    # model's training: data/skills.TOOL_DELAY), or as soon as it comes when the tool is slower;
-    # at least 2: the call is known to be complete only at the silent cell after it
-    delay_rows: int = Field(3, ge=2)
-    replicas: int = Field(1, ge=1)
+def import_attr(path: str):
+    """`module:attribute` -> the object; ValueError naming what is missing."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"import path {path!r}: expected 'module:attribute'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"import path {path!r}: {e}") from None
+
+
+class ActorConfig(Strict):
+    """A stream actor (ms_ray/serving/stream_actors.py): a deployment attached to streams. An actor
+    whose streams the model lacks is left out (the calculator beside a chat model), unless required."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    import_path: str  # module:Class; the class gets checkpoint= and `args`
+    reads: list[str] = []  # streams whose cells it gets; "*" = every stream
+    writes: list[str] = []  # input streams it may append to
+    args: dict[str, Any] = {}
+    required: bool = False
+    replicas: int = Field(1, ge=1)  # calls of one model replica always reach the same actor replica
     num_cpus: float = Field(0, ge=0)
+    timeout_s: float = Field(10, gt=0)  # one batch call; a batch that fails 3 times is given up (logged)
+
+    @model_validator(mode="after")
+    def _constructible(self):
+        actor = import_attr(self.import_path)
+        try:
+            inspect.signature(actor).bind(checkpoint="", **self.args)
+        except TypeError as e:
+            raise ValueError(f"args do not fit {self.import_path}: {e}") from None
+        return self
+
+
+def default_actors() -> list[ActorConfig]:
+    """The calculator (the tool runner): `mul 6 7` on tool_call -> `42` on tool, 3 rows after the call."""
+    return [ActorConfig(name="calculator", import_path="ms_ray.serving.stream_actors:Calculator",
+                        reads=["tool_call"], writes=["tool"])]
 
 
 class IngressConfig(Strict):
@@ -95,6 +133,7 @@ class IngressConfig(Strict):
     call_timeout_s: float = Field(10, gt=0)  # any call to the model deployment
     anonymous_role: str | None = "user"  # the role of a client without a key; None: a key is required
     retry_after_s: int = Field(5, ge=1)  # told to "busy" clients
+    heartbeat_s: float = Field(1.0, gt=0)  # protocol v2: a frame at least this often, rows or not
 
 
 class ServeConfig(Strict):
@@ -109,7 +148,7 @@ class ServeConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     model: ModelReplicaConfig = ModelReplicaConfig()
     session: SessionConfig = SessionConfig()
-    tools: ToolsConfig = ToolsConfig()
+    actors: list[ActorConfig] = Field(default_factory=default_actors)
     ingress: IngressConfig = IngressConfig()
     roles: dict[str, RoleConfig] = DEFAULT_ROLES
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -117,6 +156,9 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
+        names = [a.name for a in self.actors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"actors: names must be unique, got {names}")
         if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
             raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles "
                              f"{sorted(self.roles)}")

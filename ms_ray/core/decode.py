@@ -30,6 +30,9 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     silence_penalty: float = 0.0  # subtracted from the silence logit (talk more when > 0)
+    # > 1: tokens the stream already wrote in its current turn (since its last end token) are less
+    # likely again (CTRL's penalty, as transformers applies it): breaks greedy loops
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class _Session:
     silent_run: int = 0
     has_logits: bool = False  # False until a row was forwarded: nothing to sample from yet
     ended: set[int] = field(default_factory=set)  # output streams that emitted their end token
+    turn: dict[int, set[int]] = field(default_factory=dict)  # stream with a repetition penalty -> its turn's tokens
 
 
 class SlotCache:
@@ -145,10 +149,16 @@ class CellSampling:
         return cls(t[..., 0], t[..., 1].long(), t[..., 2], t[..., 3], random)
 
 
-def sample(logits: torch.Tensor, cells: CellSampling, silence_id: int, generator=None) -> torch.Tensor:
-    """Vectorised per-cell sampling: logits [n, C, V] -> tokens [n, C]."""
+def sample(logits: torch.Tensor, cells: CellSampling, silence_id: int, generator=None,
+           repeated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Vectorised per-cell sampling: logits [n, C, V] -> tokens [n, C]. repeated: (cell rows,
+    cell streams, token ids, penalties), one entry per token a cell's stream already wrote."""
     logits = logits.to(torch.float32, copy=True)
     logits[..., silence_id] -= cells.silence_penalty
+    if repeated is not None:
+        i, s, t, penalty = repeated
+        seen = logits[i, s, t]
+        logits[i, s, t] = torch.where(seen > 0, seen / penalty, seen * penalty)
     greedy = logits.argmax(-1)
     if not cells.any_random:
         return greedy
@@ -173,6 +183,8 @@ class RowDecoder:
         self.schema: StreamSchema = model.schema
         self.C = self.schema.num_streams
         self.silence = self.schema.silence_id
+        ends = self.schema.end_ids()
+        self.end_by_stream = {self.schema.index(name): token for name, token in ends.items()}  # stream -> its end token
         self.max_sessions = max_sessions
         self.device = model.device
         self.cache = SlotCache(slots=4, cells=initial_rows * self.C)
@@ -197,6 +209,7 @@ class RowDecoder:
             sid, len(self.by_slot), 0, [deque() for _ in range(self.C)],
             self._per_stream(sampling), stop, self._end_ids(stop),
         )
+        session.turn = {s: set() for s, p in enumerate(session.sampling) if p.repetition_penalty != 1.0}
         rows = self._as_rows(prefill)
         self.sessions[sid] = session
         self.by_slot.append(session)
@@ -255,13 +268,18 @@ class RowDecoder:
             logits = self.next_logits[: len(active)]
             if len(logits) < len(active):  # sessions that joined without a prefill: all their cells are forced
                 logits = torch.cat([logits, logits.new_zeros(len(active) - len(logits), *logits.shape[1:])])
-            sampled = sample(logits, self._cell_sampling(), self.silence, self.generator)
+            sampled = sample(logits, self._cell_sampling(), self.silence, self.generator, self._repeated(active))
             rows = torch.where(use_forced, forced, sampled)  # [n, C]
         logits = self._forward(active, rows[:, None])  # [n, C, V]
         self._store_logits(active, logits)
         host_rows = rows.tolist()  # the one host sync of the step
         out = []
         for session, tokens in zip(active, host_rows):
+            for s, seen in session.turn.items():  # a new turn after the end token
+                if tokens[s] == self.end_by_stream.get(s):
+                    seen.clear()
+                elif tokens[s] != self.silence:
+                    seen.add(tokens[s])
             session.rows += 1
             session.new_rows += 1
             done = self._check_stop(session, tokens)
@@ -357,6 +375,16 @@ class RowDecoder:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.model.vocab_size):
             raise TableError(f"prefill: token ids out of range [0, {self.model.vocab_size})")
         return rows
+
+    def _repeated(self, active) -> tuple[torch.Tensor, ...] | None:
+        """The `repeated` argument of sample() for this step's cells (None: no penalty anywhere)."""
+        cells = [(i, s, t, session.sampling[s].repetition_penalty)
+                 for i, session in enumerate(active) for s, seen in session.turn.items() for t in seen]
+        if not cells:
+            return None
+        i, s, t, penalty = zip(*cells)
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_long(i), as_long(s), as_long(t), torch.tensor(penalty, device=self.device)
 
     def _cell_sampling(self) -> CellSampling:
         if self._settings is None:  # rebuilt only when sessions join or leave

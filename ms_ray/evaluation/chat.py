@@ -191,16 +191,18 @@ def score_reply(written: list[int], user_end: int, silence: int, end_id: int, st
 
 
 def decode(model: MultiStreamLM, conversations: list[HeldOut], slack_rows: int, batch_sessions: int,
-           progress=None) -> tuple[list[list[int]], float]:
-    """Greedy live sessions, the user's tokens pushed at their rows, nothing else: the reply stream's
-    token at every row of each, and the seconds it took."""
+           progress=None, sampling=None) -> tuple[list[list[int]], float]:
+    """Live sessions (greedy unless `sampling`, a Sampling of the reply stream), the user's tokens
+    pushed at their rows, nothing else: the reply stream's token at every row of each, and the
+    seconds it took."""
     user, reply = chat_streams(model.schema)
     name, silence = model.schema.names[user], model.schema.silence_id
     episodes = [Episode(str(i), len(c.rows) + slack_rows,
                         {r: [(name, [int(t)])] for r, t in enumerate(c.rows[:, user]) if t != silence}, [])
                 for i, c in enumerate(conversations)]
     started = time.perf_counter()
-    run_episodes(model, episodes, batch_sessions, progress)
+    run_episodes(model, episodes, batch_sessions, progress,
+                 None if sampling is None else {model.schema.names[reply]: sampling})
     return [[row[reply] for row in ep.rows] for ep in episodes], time.perf_counter() - started
 
 
@@ -214,7 +216,8 @@ def evaluate_chat(checkpoint, cfg) -> tuple[list[dict], dict]:
     conversations, skipped = held_out(cfg.data, schema, cfg.conversations)
     losses = reply_losses(model, conversations)
     bar = Progress(len(conversations), "chat eval", "conversations")
-    written, seconds = decode(model, conversations, cfg.slack_rows, cfg.batch_sessions, bar.update)
+    written, seconds = decode(model, conversations, cfg.slack_rows, cfg.batch_sessions, bar.update,
+                              cfg.sampling.build())
     bar.close()
     records = []
     for conv, (ce, n), out in zip(conversations, losses, written):

@@ -72,10 +72,10 @@ class Episode:
 
 
 def run_episodes(model, episodes: list[Episode], batch_sessions: int,
-                 progress: Callable[[int], None] | None = None) -> None:
-    """Greedy-decode every episode (at most `batch_sessions` at once, one batched forward per
-    row); fills each episode's rows and times in place. `progress(done)` is told the number of
-    finished episodes after every step."""
+                 progress: Callable[[int], None] | None = None, sampling=None) -> None:
+    """Decode every episode (at most `batch_sessions` at once, one batched forward per row;
+    greedy unless `sampling`, as RowDecoder.open takes it); fills each episode's rows and times in
+    place. `progress(done)` is told the number of finished episodes after every step."""
     if batch_sessions < 1:
         raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
     decoder = RowDecoder(model, max_sessions=batch_sessions)
@@ -84,7 +84,7 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int,
         while waiting or decoder.sessions:
             while waiting and len(decoder.sessions) < batch_sessions:
                 ep = waiting.popleft()
-                decoder.open(ep.key, stop=StopRules(max_new_rows=ep.max_rows, end_streams=()))
+                decoder.open(ep.key, sampling=sampling, stop=StopRules(max_new_rows=ep.max_rows, end_streams=()))
                 open_[ep.key] = ep
             for key in decoder.sessions:
                 ep = open_[key]

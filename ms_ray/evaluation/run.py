@@ -65,6 +65,12 @@ def eval_checkpoint(cfg) -> dict:
     return summaries[label]
 
 
+def how_sampled(sampling) -> str:
+    """`greedily`, or the reply stream's sampling settings that differ from greedy."""
+    changed = {k: v for k, v in sampling.model_dump().items() if v != type(sampling)().model_dump()[k]}
+    return "greedily" if not changed else "with " + ", ".join(f"{k} {v:g}" for k, v in changed.items())
+
+
 def eval_chat(cfg, out: Path) -> dict:
     """`ms-ray eval` with a `chat:` section (evaluation/chat.py): report.md, summary.json,
     records-chat.jsonl in `out`, one W&B run; returns the summary."""
@@ -73,7 +79,8 @@ def eval_chat(cfg, out: Path) -> dict:
     notes = (f"{summary['checkpoint']}: {summary['parameters']:,} parameters, streams {summary['streams']}; the first "
              f"{summary['conversations']} held-out conversations of {chat.data} (validation split, file order"
              + (f"; {summary['skipped']} examples that are not one turn pair skipped" if summary["skipped"] else "")
-             + f"), decoded greedily with {chat.batch_sessions} session(s) at a time, {chat.slack_rows} rows past "
+             + f"), decoded {how_sampled(chat.sampling)} with {chat.batch_sessions} session(s) at a time, "
+             f"{chat.slack_rows} rows past "
              f"each conversation's end: {summary['decoded_rows']} rows in {summary['decode_seconds']:.0f} s. "
              + (f"Reference: {chat.reference}." if chat.reference else "No reference: loss_before and "
                 "loss_sequential not measured."))

@@ -19,9 +19,9 @@ from ..core.streams import unicode_problem
 class ServeError(Exception):
     """A request the server refuses; `code` is the protocol's error code (serve/PROTOCOL.md)."""
 
-    def __init__(self, code: str, message: str):
-        super().__init__(code, message)  # both in args: survives pickling across Ray
-        self.code, self.message = code, message
+    def __init__(self, code: str, message: str, retry_after: int | None = None):
+        super().__init__(code, message, retry_after)  # all in args: survives pickling across Ray
+        self.code, self.message, self.retry_after = code, message, retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -29,11 +29,12 @@ class ServeError(Exception):
 HTTP_STATUS = {  # protocol error code -> HTTP status
     "unauthorized": 401, "forbidden": 403, "output_stream": 403, "unknown_stream": 400, "bad_json": 400,
     "bad_frame": 400, "bad_utf8": 400, "too_large": 413, "unknown_session": 404, "session_ended": 410,
-    "session_lost": 410, "busy": 503, "timeout": 504, "internal": 500,
+    "session_lost": 410, "busy": 503, "rate_limited": 429, "timeout": 504, "internal": 500,
+    "bad_version": 400,
 }
 WS_CLOSE = {  # protocol error code -> WebSocket close code, for errors that end the connection
-    "unauthorized": 1008, "forbidden": 1008, "busy": 1013, "unknown_session": 4404, "session_ended": 4410,
-    "session_lost": 1011, "timeout": 1011, "internal": 1011,
+    "unauthorized": 1008, "forbidden": 1008, "busy": 1013, "rate_limited": 1013, "unknown_session": 4404,
+    "session_ended": 4410, "session_lost": 1011, "timeout": 1011, "internal": 1011, "bad_version": 1008,
 }
 
 
@@ -44,6 +45,11 @@ class Access:
     write: frozenset[str]  # input streams it may append to
     force: frozenset[str]  # output streams it may force
     read: frozenset[str]
+    any_session: bool = False  # may write to and close sessions it did not open (no session token)
+    max_sessions: int | None = None  # per client (quotas.py)
+    max_watchers: int | None = None
+    appends_per_s: float | None = None
+    append_burst: int = 20
 
     def check_write(self, stream: str, roles_of_streams: dict[str, str]) -> bool:
         """-> whether the write is a force (an output stream); raises the protocol's error otherwise."""
@@ -74,7 +80,8 @@ class AccessPolicy:
             read = names if "*" in cfg.read else names & set(cfg.read)
             self.by_role[role] = Access(
                 role, cfg.open, frozenset(names & set(cfg.write)), frozenset(names & set(cfg.force)),
-                frozenset(read - set(cfg.hidden)),
+                frozenset(read - set(cfg.hidden)), cfg.any_session, cfg.max_sessions, cfg.max_watchers,
+                cfg.appends_per_s, cfg.append_burst,
             )
             for key in cfg.keys:
                 value = os.environ.get(key[4:]) if key.startswith("env:") else key

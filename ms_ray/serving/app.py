@@ -1,4 +1,4 @@
-"""The Ray Serve application: ingress -> session server (model replicas) -> tool runner.
+"""The Ray Serve application: ingress -> session server (model replicas) -> stream actors.
 
     build(args)          the application builder `serve run` / `serve deploy` call (serve/*.yaml);
     serve_local(cfg)     `ms-ray serve checkpoint=PATH`: embedded Ray on 127.0.0.1, blocks until Ctrl-C.
@@ -12,60 +12,68 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 
 import torch
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from ..config import ServeConfig, load_config
+from ..config.serve import import_attr
 from ..core.loading import load_export
 from ..ray_env import init_ray
-from ..tools import run_call
 from .access import ServeError
-from .ingress import Ingress, awaited  # never the other way round: the ingress replica must not load torch
+from .ingress import Ingress  # never the other way round: the ingress replica must not load torch
 from .session_ids import replica_of
 from .sessions import EngineSettings, SessionEngine
+from .stream_actors import ActorLink, log
 
 
 def refusal(e: ServeError) -> dict:
     return {"type": "error", "code": e.code, "message": e.message}
 
 
-def engine_settings(cfg: ServeConfig, tools: bool) -> EngineSettings:
+def engine_settings(cfg: ServeConfig) -> EngineSettings:
     s = cfg.session
     return EngineSettings(
         max_sessions=cfg.model.max_sessions_per_replica, row_interval_s=s.row_interval_s, max_rows=s.max_rows,
         end_on_end_token=s.end_on_end_token, quiet_after_end=s.quiet_after_end, silent_rows=s.silent_rows,
         idle_timeout_s=s.idle_timeout_s, backlog_rows=s.backlog_rows, max_append_chars=s.max_append_chars,
-        sampling={k: v.build() for k, v in s.sampling.items()},
-        tool_call_stream=cfg.tools.call_stream if tools else None,
-        tool_result_stream=cfg.tools.result_stream if tools else None,
-        tool_timeout_s=cfg.tools.timeout_s, tool_delay_rows=cfg.tools.delay_rows, seed=s.seed,
+        sampling={k: v.build() for k, v in s.sampling.items()}, seed=s.seed,
     )
 
 
-@serve.deployment(name="ToolRunner")
-class ToolRunner:
-    """Executes tool calls (tools.run_call: the calculator and its `mul A B` forms)."""
+def actor_links(cfg: ServeConfig, names: list[str], handles, replica: str) -> list[ActorLink]:
+    """One link per configured actor whose streams this model has (a required one must have them)."""
+    links = []
+    for actor, handle in zip(cfg.actors, handles):
+        reads = names if "*" in actor.reads else actor.reads
+        missing = sorted((set(reads) | set(actor.writes)) - set(names))
+        if missing:
+            if actor.required:
+                raise ValueError(f"actors: {actor.name} needs streams {missing}, which this model lacks ({names})")
+            log.info("stream actor %s left out: the model has no stream %s", actor.name, missing)
+            continue
 
-    async def run(self, call: str) -> str:
-        return run_call(call)
+        async def call(batch, handle=handle):
+            return await handle.remote({**batch, "replica": replica})
+
+        links.append(ActorLink(actor.name, tuple(reads), frozenset(actor.writes), call, actor.timeout_s))
+    return links
 
 
 @serve.deployment(name="SessionServer")
 class SessionServer:
     """One batched decoder and its live sessions; the unit that autoscales."""
 
-    def __init__(self, config: dict, tools=None):
+    def __init__(self, config: dict, actors=()):
         cfg = ServeConfig.model_validate(config, context={"check_paths": False})
         if cfg.model.num_cpus >= 1:
             torch.set_num_threads(int(cfg.model.num_cpus))
         self.replica = serve.get_replica_context().replica_id.unique_id
         model, tokenizer = load_export(cfg.checkpoint, cfg.device, cfg.dtype)
-        names = model.schema.names
-        use_tools = tools is not None and cfg.tools.call_stream in names and cfg.tools.result_stream in names
-        run_tool = (lambda call: awaited(tools.run.remote(call))) if use_tools else None
-        self.engine = SessionEngine(model, tokenizer, engine_settings(cfg, use_tools), self.replica, run_tool)
+        links = actor_links(cfg, model.schema.names, actors, self.replica)
+        self.engine = SessionEngine(model, tokenizer, engine_settings(cfg), self.replica, links)
         started = time.perf_counter()
         warm = self.engine.decoder.open("warmup")  # the first forward pays for lazy init: not a client
         self.engine.decoder.step(), self.engine.decoder.step()
@@ -80,44 +88,91 @@ class SessionServer:
         except ServeError as e:
             return refusal(e)
 
-    async def append(self, session: str, stream: str, text: str, force: bool = False, end: bool = False) -> dict:
+    # Writing and closing need the session's token unless the ingress vouches for a privileged
+    # role (`any_session`); `token=None, privileged=True` is also how the ingress ends a session
+    # whose opener's socket dropped.
+    async def append(self, session: str, stream: str, text: str, force: bool = False, end: bool = False,
+                     token: str | None = None, privileged: bool = False) -> dict:
         try:
-            self._owned(session)
+            self._owned(session, token, privileged)
             return self.engine.append(session, stream, text, force, end=end)
         except ServeError as e:
             return refusal(e)
 
-    async def events(self, session: str, streams: list[str] | None = None, from_row: int = 0):
+    async def close(self, session: str, reason: str = "closed", token: str | None = None,
+                    privileged: bool = False) -> dict:
         try:
-            self._owned(session)
-            readable = None if streams is None else frozenset(streams)
-            async for batch in self.engine.subscribe(session, readable, from_row):
-                yield batch
-        except ServeError as e:
-            yield [refusal(e)]
-
-    async def close(self, session: str, reason: str = "closed") -> dict:
-        try:
-            self._owned(session)
+            if session in self.engine.ended:  # closing again: the same answer (its end reason), no error
+                return self.engine.ended[session].end
+            self._owned(session, token, privileged)
             await self.engine.close(session, reason)
             return {"type": "end", "reason": reason}
         except ServeError as e:
             return refusal(e)
 
+    async def check_token(self, session: str, token: str) -> dict:
+        try:
+            self._owned(session)
+            self.engine.owner(session, token)
+            return {"owner": True}
+        except ServeError as e:
+            return {"owner": False} if e.code == "forbidden" else refusal(e)
+
+    async def watch(self, session: str, outbox: str, watch: str, streams: list[str], from_row: int = 0,
+                    allow_ended: bool = True) -> dict:
+        """Put a session's events in an ingress's outbox (taken through `feed`)."""
+        try:
+            self._owned(session)
+            self.engine.watch(session, outbox, watch, frozenset(streams), from_row, allow_ended)
+            return {"type": "watching", "row": from_row}
+        except ServeError as e:
+            return refusal(e)
+
+    async def unwatch(self, replica: str, outbox: str, watch: str) -> None:
+        self.engine.unwatch(outbox, watch)
+
+    async def feed(self, replica: str, outbox: str):
+        """Every event of an ingress's watches, one message per step (outboxes.py), until it stops
+        reading. Routed here by `replica`; if that replica is gone, the call lands anywhere."""
+        if replica != self.replica:
+            yield refusal(ServeError("session_lost", f"replica {replica!r} is gone; open a new session"))
+            return
+        async for message in self.engine.feed(outbox):
+            yield message
+
+    async def wait_end(self, session: str) -> dict:
+        """Answers when the session ends: the ingress holds one such call per session it opened
+        (its quota; and Serve's autoscaling counts ongoing calls, so one per live session)."""
+        try:
+            self._owned(session)
+            return {"type": "end", "reason": await self.engine.wait_end(session)}
+        except ServeError as e:
+            return refusal(e)
+
     async def ready(self) -> dict:
         return {"replica": self.replica, "warmup_s": round(self.warmup_s, 3), "streams": self.engine.describe(),
-                **self.engine.stats()}
+                "actors": [link.name for link in self.engine.actors], **self.engine.stats()}
 
     def check_health(self) -> None:
         if self.engine.failure:
             raise RuntimeError(f"the step loop failed: {self.engine.failure}")
 
-    def _owned(self, session: str) -> None:
+    def _owned(self, session: str, token: str | None = None, privileged: bool = True) -> None:
         if session in self.engine.sessions or session in self.engine.ended:
+            if not privileged:
+                self.engine.owner(session, token)
             return
         owner = replica_of(session)
         if owner is not None and owner != self.replica:
             raise ServeError("session_lost", f"session {session!r} lived on a replica that is gone; open a new session")
+
+
+def actor_args(args: dict) -> dict:
+    """An actor's args, a relative `path` made absolute here, where the app is built (a replica's
+    working directory is Ray's, not the one `ms-ray serve` was started in)."""
+    if isinstance(args.get("path"), str):
+        return {**args, "path": str(Path(args["path"]).expanduser().resolve())}
+    return args
 
 
 def build(args: dict):
@@ -125,8 +180,10 @@ def build(args: dict):
     cfg = args if isinstance(args, ServeConfig) else load_config(ServeConfig, data=args)
     m = cfg.model
     logs = {"log_level": cfg.log_level, "enable_access_log": cfg.access_log}
-    tools = ToolRunner.options(num_replicas=cfg.tools.replicas, ray_actor_options={"num_cpus": cfg.tools.num_cpus},
-                               max_ongoing_requests=64, logging_config=logs)
+    actors = [serve.deployment(import_attr(a.import_path), name=a.name).options(
+        num_replicas=a.replicas, ray_actor_options={"num_cpus": a.num_cpus}, max_ongoing_requests=64,
+        request_router_config=RequestRouterConfig(request_router_class="ms_ray.serving.routing:CallerRouter"),
+        logging_config=logs).bind(checkpoint=cfg.checkpoint, **actor_args(a.args)) for a in cfg.actors]
     server = SessionServer.options(
         autoscaling_config=AutoscalingConfig(
             min_replicas=m.min_replicas, max_replicas=m.max_replicas, initial_replicas=m.min_replicas,
@@ -142,7 +199,7 @@ def build(args: dict):
         logging_config=logs,
     )
     config = cfg.model_dump(by_alias=True)
-    server_app = server.bind(config, tools.bind() if cfg.tools.enabled else None)
+    server_app = server.bind(config, actors)
     ingress = Ingress.options(num_replicas=cfg.ingress.replicas, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
                               max_ongoing_requests=cfg.ingress.max_connections,  # Serve's default is 5
                               max_queued_requests=cfg.ingress.max_queued_connections, logging_config=logs)

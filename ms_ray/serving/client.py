@@ -1,9 +1,12 @@
 """A small asyncio client for the WebSocket protocol (serve/PROTOCOL.md).
 
-    async with connect_session("ws://127.0.0.1:8000", key=KEY) as s:
+    async with connect_session("ws://127.0.0.1:8000", key=KEY, version=2) as s:
         await s.append("user", "what is 6 times 7")
-        async for frame in s.frames():          # row, error and end frames, as dicts
+        async for frame in s.frames():          # rows (v2) or row (v1), error and end frames, as dicts
             print(frame)                        # (s.close() ends the session and drains)
+
+    s.token: the session token (to the opener only): pass it as token= to attach as a writer;
+    without it an attach only watches.
 
 Tests, the benchmark and scripts use it; any WebSocket client that speaks JSON works as well.
 """
@@ -25,6 +28,7 @@ class Session:
         self.ws = ws
         self.first = first  # the server's first frame: "session", or "error" when refused
         self.id = first.get("id")
+        self.token = first.get("token")  # the opener's secret: writing from another connection needs it
         self.streams = first.get("streams", [])
 
     @property
@@ -63,12 +67,22 @@ class Session:
             yield frame
 
 
+def rows_of(frame: dict) -> list[dict]:
+    """The rows a frame carries, in either protocol version: [{"row": N, "cells": {...}}, ...]."""
+    if frame.get("type") == "row":
+        return [frame]
+    return frame.get("rows", []) if frame.get("type") == "rows" else []
+
+
 @asynccontextmanager
-async def connect_session(base_url: str, key: str | None = None, session: str | None = None, **options):
-    """Open a new session (or attach to `session`) at base_url (ws://host:port[/prefix])."""
+async def connect_session(base_url: str, key: str | None = None, session: str | None = None,
+                          token: str | None = None, version: int = 1, from_row: int | None = None, **options):
+    """Open a new session (or attach to `session`; with its `token` as a writer) at base_url
+    (ws://host:port[/prefix]); version 2: `rows` frames (serve/PROTOCOL.md)."""
     url = base_url.rstrip("/") + "/v1/sessions" + (f"/{quote(session)}" if session else "")
-    if key:
-        url += f"?key={quote(key)}"
+    query = {"key": key, "token": token, "v": version if version != 1 else None, "from_row": from_row}
+    query = "&".join(f"{k}={quote(str(v))}" for k, v in query.items() if v is not None)
+    url += f"?{query}" if query else ""
     async with connect(url, max_size=None, open_timeout=30, **options) as ws:
         first = json.loads(await asyncio.wait_for(ws.recv(), 30))
         yield Session(ws, first)

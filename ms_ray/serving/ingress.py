@@ -12,13 +12,13 @@ on Serve's class-based routes.
 import asyncio
 import html
 import json
+import time
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 
 from ..config import ServeConfig
 from .access import (
@@ -32,12 +32,13 @@ from .access import (
     parse_frame,
     parse_json_object,
 )
+from .feeds import FeedHub, Watcher, as_serve_error, error_event
+from .quotas import Quotas, client_id
 
 
 async def awaited(response):
     """A handle call's response as a coroutine (for asyncio.wait_for). Module-level, above the
-    deployments, in this torch-free module: Serve pickles the decorated deployments and their
-    replicas import what they reference; app.py's SessionServer uses it too, for tool calls."""
+    deployment: Serve pickles the decorated deployment and its replicas import what it references."""
     return await response
 
 
@@ -51,25 +52,14 @@ WEB_HEADERS = {  # the page loads only its own files and talks only to this serv
     "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'self'",
     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
 }
-
-
-def as_serve_error(e: BaseException) -> ServeError:
-    """Map what a handle call can raise (the replica died, queues are full, ...) to the protocol's error."""
-    if isinstance(e, ServeError):
-        return e
-    if isinstance(e, BackPressureError):
-        return ServeError("busy", "every replica's queue is full; retry later")
-    if isinstance(e, (RayActorError, ActorUnavailableError)):
-        return ServeError("session_lost", f"the replica serving this session is gone ({type(e).__name__})")
-    if isinstance(e, asyncio.TimeoutError):
-        return ServeError("timeout", "the session server did not answer in time")
-    return ServeError("internal", f"{type(e).__name__}: {e}")
+VERSIONS = (1, 2)  # 1: a frame per row; 2: "rows" frames (several rows, silent ones left out, heartbeats)
 
 
 def error_body(err: ServeError, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if err.code == "busy" and retry_after else None
+    retry = err.retry_after or (retry_after if err.code in ("busy", "rate_limited") else None)
     return JSONResponse({"type": "error", "code": err.code, "message": err.message},
-                        status_code=HTTP_STATUS.get(err.code, 500), headers=headers)
+                        status_code=HTTP_STATUS.get(err.code, 500),
+                        headers={"Retry-After": str(retry)} if retry else None)
 
 
 def socket_senders(ws: WebSocket):
@@ -86,15 +76,53 @@ def socket_senders(ws: WebSocket):
             await ws.close(code, reason=reason[:120])  # a close reason holds at most 123 bytes
 
     async def fail(err: ServeError):
-        await send({"type": "error", "code": err.code, "message": err.message})
+        await send(error_event(err))
         await finish(WS_CLOSE.get(err.code, 1011), err.message)
 
     return send, finish, fail
 
 
-def _sse(event: dict) -> str:
-    row_id = f"id: {event['row']}\n" if event["type"] == "row" else ""
-    return f"{row_id}event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+def version_of(query) -> int:
+    raw = query.get("v", "1")
+    if not raw.isdigit() or int(raw) not in VERSIONS:
+        raise ServeError("bad_version", f"protocol version {raw!r}: this server speaks v=1 and v=2")
+    return int(raw)
+
+
+def from_row_of(query) -> int:
+    raw = query.get("from_row", "0")
+    if not raw.isdigit():
+        raise ServeError("bad_frame", f"from_row must be a row number (0 or more), got {raw!r}")
+    return int(raw)
+
+
+class Framer:
+    """A watcher's batches of events -> what one client receives. v1: a frame per row. v2: one
+    `rows` frame per batch with the rows that say something to this client, its `clock` the last
+    row reached, and an empty one at least every `heartbeat_s` so the clock stays visible."""
+
+    def __init__(self, version: int, heartbeat_s: float):
+        self.version, self.heartbeat_s = version, heartbeat_s
+        self.clock, self.sent = -1, time.monotonic()
+
+    def frames(self, batch: list[dict]) -> list[dict]:
+        rows = [e for e in batch if e["type"] == "row"]
+        final = [e for e in batch if e["type"] != "row"]
+        if self.version == 1:
+            return rows + final
+        self.clock = max([self.clock] + [e["row"] for e in rows])
+        said = [{"row": e["row"], "cells": e["cells"]} for e in rows if e["cells"]]
+        now = time.monotonic()
+        if not said and now - self.sent < self.heartbeat_s:
+            return final
+        self.sent = now
+        return [{"type": "rows", "clock": self.clock, "rows": said}] + final
+
+
+def sse_event(frame: dict) -> str:
+    row_id = {"row": frame.get("row"), "rows": frame.get("clock")}.get(frame["type"])
+    head = f"id: {row_id}\n" if row_id is not None else ""
+    return f"{head}event: {frame['type']}\ndata: {json.dumps(frame)}\n\n"
 
 
 @serve.deployment(name="Ingress")
@@ -106,6 +134,9 @@ class Ingress:
         self.timeout = self.cfg.ingress.call_timeout_s
         self.streams: list[dict] | None = None  # the model's streams, learnt from the first ready() answer
         self.policy: AccessPolicy | None = None
+        self.hub: FeedHub | None = None  # made in the replica's event loop, on first use
+        self.quotas = Quotas()
+        self.holds: set[asyncio.Task] = set()  # one wait_end call per session opened here
 
     # ---- plumbing ------------------------------------------------------------------------
     async def call(self, response):
@@ -121,38 +152,73 @@ class Ingress:
             raise ServeError(result["code"], result["message"])
         return result
 
-    async def access(self, headers, query) -> Access:
+    async def access(self, connection) -> tuple[Access, str]:
+        """The caller's Access and client id (quotas.py), from a WebSocket or a Request."""
         if self.policy is None:
             info = await self.call(self.server.ready.remote())
             self.streams = info["streams"]
             self.policy = AccessPolicy(self.cfg.roles, {s["name"]: s["role"] for s in self.streams},
                                        self.cfg.ingress.anonymous_role)
-        return self.policy.resolve(key_from(headers, query))
+            name = f"{serve.get_replica_context().replica_id.unique_id}.{uuid.uuid4().hex[:8]}"
+            self.hub = FeedHub(self.server, name, self.timeout)
+        key = key_from(connection.headers, connection.query_params)
+        return self.policy.resolve(key), client_id(key, connection.client.host if connection.client else None)
 
-    async def open_session(self, access: Access, **options) -> dict:
+    async def open_session(self, access: Access, client: str, **options) -> dict:
         if not access.open:
             raise ServeError("forbidden", f"role {access.role!r} may not open sessions; attach to one by id")
-        return await self.call(self.server.open.remote(**options))
+        self.quotas.take("open", client, access.max_sessions)
+        try:
+            info = await self.call(self.server.open.remote(**options))
+        except ServeError:
+            self.quotas.give_back("open", client)
+            raise
+        hold = asyncio.get_running_loop().create_task(self.hold(info["id"], client))
+        self.holds.add(hold)
+        hold.add_done_callback(self.holds.discard)
+        return info
 
-    async def append(self, access: Access, session: str, frame: dict) -> dict:
+    async def hold(self, session: str, client: str) -> None:
+        """Count the session against its opener until it ends (however it ends)."""
+        try:
+            await awaited(self.server.wait_end.remote(session=session))
+        except Exception:
+            pass  # its replica is gone: so is the session
+        finally:
+            self.quotas.give_back("open", client)
+
+    async def append(self, access: Access, client: str, session: str, frame: dict, token: str | None) -> dict:
         stream = frame["stream"]
         force = access.check_write(stream, self.policy.stream_roles)
+        self.quotas.append(client, access.appends_per_s, access.append_burst)
         return await self.call(self.server.append.remote(session=session, stream=stream, text=frame["text"],
-                                                         force=force, end=frame.get("end", False)))
+                                                         force=force, end=frame.get("end", False), token=token,
+                                                         privileged=access.any_session))
 
-    async def events(self, access: Access, session: str, from_row: int = 0):
-        """Batches of events of a session; raises ServeError (session_lost when its replica dies)."""
-        stream = self.server.options(stream=True).events.remote(session=session, streams=sorted(access.read),
-                                                                from_row=from_row)
-        try:
-            async for batch in stream:
-                yield batch
-        except Exception as e:
-            raise as_serve_error(e) from None
+    async def close(self, access: Access, session: str, token: str | None, reason: str = "closed") -> dict:
+        if not (access.write or access.force):
+            raise ServeError("forbidden", f"role {access.role!r} may not close sessions")
+        return await self.call(self.server.close.remote(session=session, reason=reason, token=token,
+                                                        privileged=access.any_session))
 
-    def session_frame(self, info: dict, access: Access) -> dict:
-        return {"type": "session", "id": info["id"], "streams": info["streams"], "role": access.role,
-                "read": sorted(access.read), "write": sorted(access.write | access.force)}
+    async def owns(self, access: Access, session: str, token: str | None) -> bool:
+        """Whether this caller may write to the session: its role may write, and it holds the
+        session's token or its role may write to any session."""
+        if not (access.write or access.force):
+            return False
+        if access.any_session:
+            return True
+        if token is None:
+            return False
+        answer = await self.call(self.server.check_token.remote(session=session, token=token))
+        return answer["owner"]
+
+    def session_frame(self, info: dict, access: Access, writer: bool, version: int, row: int,
+                      token: str | None = None) -> dict:
+        frame = {"type": "session", "id": info["id"], "protocol": version, "row": row, "streams": self.streams,
+                 "role": access.role, "read": sorted(access.read),
+                 "write": sorted(access.write | access.force) if writer else []}
+        return {**frame, "token": token} if token else frame
 
     # ---- health --------------------------------------------------------------------------
     @app.get("/healthz")
@@ -191,19 +257,45 @@ class Ingress:
     async def ws_attach(self, ws: WebSocket, session: str):
         await self.websocket(ws, session)
 
+    async def admit(self, ws: WebSocket, attach: str | None) -> dict:
+        """Who this connection is and what it watches: opens the session, or attaches to one (with
+        its token as a writer, else as a watcher). Raises ServeError before any session frame."""
+        version = version_of(ws.query_params)
+        access, client = await self.access(ws)
+        if not attach:
+            info = await self.open_session(access, client)
+            watcher = await self.hub.watch(info["id"], access.read)
+            first = self.session_frame(info, access, True, version, 0, info["token"])
+            return {"access": access, "client": client, "watcher": watcher, "first": first, "version": version,
+                    "token": info["token"], "writer": True, "observer": False}
+        token = ws.query_params.get("token") or ws.headers.get("x-session-token")
+        from_row = from_row_of(ws.query_params)
+        writer = await self.owns(access, attach, token)
+        if not writer:  # watching counts against its own limit, never against sessions
+            self.quotas.take("watching", client, access.max_watchers)
+        try:
+            watcher = await self.hub.watch(attach, access.read, from_row, allow_ended=False)
+        except ServeError:
+            if not writer:
+                self.quotas.give_back("watching", client)
+            raise
+        return {"access": access, "client": client, "watcher": watcher, "version": version, "token": token,
+                "first": self.session_frame({"id": attach}, access, writer, version, from_row),
+                "writer": writer, "observer": not writer}
+
     async def websocket(self, ws: WebSocket, attach: str | None):
         await ws.accept()
         send, finish, fail = socket_senders(ws)
         try:
-            access = await self.access(ws.headers, ws.query_params)
-            info = {"id": attach, "streams": self.streams} if attach else await self.open_session(access)
+            c = await self.admit(ws, attach)
         except ServeError as e:
             return await fail(e)
-        sid, owner = info["id"], attach is None
-        await send(self.session_frame(info, access))
-        pump = asyncio.create_task(self.pump(sid, access, send, finish, fail))
-        detach = False  # a read-only observer said close: leave the session running
+        sid, opener, access, watcher = c["first"]["id"], attach is None, c["access"], c["watcher"]
+        pump, detach = None, False  # detach: a watcher said close, the session goes on
         try:
+            await send(c["first"])
+            pump = asyncio.create_task(self.pump(watcher, Framer(c["version"], self.cfg.ingress.heartbeat_s),
+                                                 send, finish, fail))
             while not pump.done():  # the pump ends the connection after the end frame or a fatal error
                 receive = asyncio.create_task(ws.receive())
                 await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -217,9 +309,12 @@ class Ingress:
                     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
                     frame = parse_frame(raw, self.cfg.ingress.max_frame_bytes)
                     if frame["type"] == "append":
-                        await self.append(access, sid, frame)
-                    elif owner or access.write or access.force:
-                        await self.call(self.server.close.remote(session=sid, reason="closed"))  # the end frame follows
+                        if not c["writer"]:
+                            raise ServeError("forbidden", f"role {access.role!r} watches this session: writing "
+                                                          "needs its session token (?token=)")
+                        await self.append(access, c["client"], sid, frame, c["token"])
+                    elif c["writer"]:
+                        await self.close(access, sid, c["token"])  # the end frame follows
                     else:
                         detach = True
                         break
@@ -227,35 +322,40 @@ class Ingress:
                     if e.code in ("session_lost", "unknown_session", "session_ended"):
                         await fail(e)
                         break
-                    await send({"type": "error", "code": e.code, "message": e.message})  # the session goes on
+                    await send(error_event(e))  # the session goes on
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away
         finally:
-            if not pump.done():  # the client left (or detached): stop sending to it at once
-                pump.cancel()
-                if detach:
-                    await finish(1000, "detached")
-                elif owner:  # the opener left without closing: end the session
-                    try:
-                        await self.call(self.server.close.remote(session=sid, reason="client_disconnected"))
-                    except ServeError:
-                        pass
+            self.hub.forget(watcher)
+            if c["observer"]:
+                self.quotas.give_back("watching", c["client"])
+            if pump is None or not pump.done():  # the client left (or detached): stop sending to it at once
+                await self.leave(pump, sid, detach, opener, finish)
 
-    async def pump(self, sid: str, access: Access, send, finish, fail) -> None:
+    async def leave(self, pump, sid: str, detach: bool, opener: bool, finish) -> None:
+        if pump is not None:
+            pump.cancel()
+        if detach:
+            await finish(1000, "detached")
+        elif opener:  # the opener left without closing: end the session
+            try:
+                await self.call(self.server.close.remote(session=sid, reason="client_disconnected", privileged=True))
+            except ServeError:
+                pass
+
+    async def pump(self, watcher: Watcher, framer: Framer, send, finish, fail) -> None:
         """Session events -> frames, until the end event (close 1000) or an error."""
         try:
-            async for batch in self.events(access, sid):
-                for event in batch:
-                    await send(event)
-                    if event["type"] == "end":
-                        await finish(1000, event["reason"])
+            async for batch in watcher.batches():
+                for frame in framer.frames(batch):
+                    if frame["type"] == "end":
+                        await send(frame)
+                        await finish(1000, frame["reason"])
                         return
-                    if event["type"] == "error":
-                        await fail(ServeError(event["code"], event["message"]))
+                    if frame["type"] == "error":
+                        await fail(ServeError(frame["code"], frame["message"]))
                         return
-            await fail(ServeError("session_lost", "the session's event stream ended without an end event"))
-        except ServeError as e:
-            await fail(e)
+                    await send(frame)
         except (WebSocketDisconnect, RuntimeError):
             pass
 
@@ -263,67 +363,74 @@ class Ingress:
     async def json_body(self, request: Request) -> dict:
         return parse_json_object(await request.body(), self.cfg.ingress.max_frame_bytes, "body")
 
+    @staticmethod
+    def token_of(request: Request) -> str | None:
+        return request.headers.get("x-session-token") or request.query_params.get("token")
+
     @app.post("/v1/sessions", status_code=201)
     async def http_open(self, request: Request):
         try:
-            access = await self.access(request.headers, request.query_params)
-            info = await self.open_session(access)
+            access, client = await self.access(request)
+            version = version_of(request.query_params)
+            info = await self.open_session(access, client)
         except ServeError as e:
             return error_body(e, self.cfg.ingress.retry_after_s)
-        return JSONResponse(self.session_frame(info, access), status_code=201)
+        return JSONResponse(self.session_frame(info, access, True, version, 0, info["token"]), status_code=201)
 
     @app.post("/v1/sessions/{session}/append")
     async def http_append(self, session: str, request: Request):
         try:
-            access = await self.access(request.headers, request.query_params)
+            access, client = await self.access(request)
             body = await self.json_body(request)
             if body.get("type", "append") != "append":  # this endpoint appends; a frame of another type is a mistake
                 raise ServeError("bad_frame", f"this endpoint appends: type {body['type']!r} is not 'append'")
             frame = check_frame({**body, "type": "append"})
-            return await self.append(access, session, frame)
+            return await self.append(access, client, session, frame, self.token_of(request))
         except ServeError as e:
             return error_body(e)
 
     @app.get("/v1/sessions/{session}/events")
-    async def http_events(self, session: str, request: Request, from_row: int = 0):
+    async def http_events(self, session: str, request: Request):
         try:
-            access = await self.access(request.headers, request.query_params)
+            access, client = await self.access(request)
+            version, from_row = version_of(request.query_params), from_row_of(request.query_params)
+            last = request.headers.get("last-event-id")
+            if last is not None and last.isdigit():  # an EventSource reconnecting resumes after its last row
+                from_row = int(last) + 1
+            watcher = await self.hub.watch(session, access.read, from_row)  # refused: 404 / 410 here
         except ServeError as e:
             return error_body(e)
-        last = request.headers.get("last-event-id")
-        if last is not None and last.isdigit():  # an EventSource reconnecting resumes after its last row
-            from_row = int(last) + 1
-        return StreamingResponse(self.sse(access, session, from_row), media_type="text/event-stream",
+        return StreamingResponse(self.sse(watcher, Framer(version, self.cfg.ingress.heartbeat_s)),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def sse(self, access: Access, session: str, from_row: int = 0, first: list[dict] = ()):
-        for event in first:
-            yield _sse(event)
+    async def sse(self, watcher: Watcher, framer: Framer, first: list[dict] = ()):
         try:
-            async for batch in self.events(access, session, from_row):
-                for event in batch:
-                    yield _sse(event)
-        except ServeError as e:
-            yield _sse({"type": "error", "code": e.code, "message": e.message})
+            for frame in first:
+                yield sse_event(frame)
+            async for batch in watcher.batches():
+                for frame in framer.frames(batch):
+                    yield sse_event(frame)
+        finally:
+            self.hub.forget(watcher)
 
     @app.delete("/v1/sessions/{session}")
     async def http_close(self, session: str, request: Request):
         try:
-            access = await self.access(request.headers, request.query_params)
-            if not (access.write or access.force):
-                raise ServeError("forbidden", f"role {access.role!r} may not close sessions")
-            await self.call(self.server.close.remote(session=session, reason="closed"))
+            access, _ = await self.access(request)
+            ended = await self.close(access, session, self.token_of(request))
         except ServeError as e:
             return error_body(e)
-        return {"type": "end", "id": session, "reason": "closed"}
+        return {"type": "end", "id": session, "reason": ended["reason"]}
 
     @app.post("/v1/generate")
     async def generate(self, request: Request):
-        """One shot: {"inputs": {STREAM: TEXT, ...}, "max_rows": N} -> SSE rows until the end
-        token, max_rows or silent_rows. Every input's text is queued before the first row: it goes in
-        from row 0, one token per row."""
+        """One shot: {"inputs": {STREAM: TEXT, ...}, "max_rows": N} -> SSE: the session frame, rows
+        until the end token, max_rows or silent_rows, the end. Every input's text is queued before
+        the first row: it goes in from row 0, one token per row."""
         try:
-            access = await self.access(request.headers, request.query_params)
+            access, client = await self.access(request)
+            version = version_of(request.query_params)
             body = await self.json_body(request)
             unknown = set(body) - {"inputs", "max_rows"}
             if unknown:
@@ -335,8 +442,10 @@ class Ingress:
                 raise ServeError("bad_frame", "'max_rows' must be a positive integer")
             queued = [(stream, text, access.check_write(stream, self.policy.stream_roles))
                       for stream, text in inputs.items()]
-            info = await self.open_session(access, max_rows=max_rows, end_on_end_token=True, inputs=queued)
+            info = await self.open_session(access, client, max_rows=max_rows, end_on_end_token=True, inputs=queued)
+            watcher = await self.hub.watch(info["id"], access.read)
         except ServeError as e:
             return error_body(e, self.cfg.ingress.retry_after_s)
-        return StreamingResponse(self.sse(access, info["id"], 0, [self.session_frame(info, access)]),
+        first = [self.session_frame(info, access, True, version, 0, info["token"])]
+        return StreamingResponse(self.sse(watcher, Framer(version, self.cfg.ingress.heartbeat_s), first),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -9,25 +9,35 @@ ingress wrap it), so it runs and is tested in a plain asyncio loop:
   the step loop    one task steps ALL open sessions together: one batched forward per row
                    (RowDecoder), at most one row per `row_interval_s` (a real-time row clock);
   output channels  each row becomes one event {"type": "row", "row": N, "cells": {stream: text}}
-                   (silent cells left out), fanned out to every subscriber of the session, each
-                   seeing only the streams it may read. A bounded backlog lets a subscriber that
+                   (silent cells left out; an input cell is the typed text its token came from, so
+                   a stream's cells join to exactly what was typed), put in the outbox of every
+                   watcher of the session (outboxes.py: one message per step per consumer), each
+                   seeing only the streams it may read. A bounded backlog lets a watcher that
                    attaches late (an SSE client after POST /v1/sessions) replay from row 0.
-  tools            a finished call on the tool-call stream (its tokens followed by a silent cell)
-                   goes to `run_tool` in the background; the answer is appended to the tool stream
-                   while the model keeps writing rows.
+  ownership        opening a session makes a secret token; appending and closing need it
+                   (`owner()`), unless the caller is privileged (the operator role, tools).
+  stream actors    after each step, every actor (stream_actors.py: the calculator, the recorder,
+                   yours) gets one batch with the new rows of the streams it reads and the
+                   sessions that ended; what it appends goes in like a client's text, while the
+                   model keeps writing rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import secrets
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..core.decode import RowDecoder, Sampling, StopRules
 from .access import ServeError
+from .outboxes import Outbox, Watch
 from .session_ids import new_session_id
+from .stream_actors import ActorLink, log
 
 
 @dataclass(frozen=True)
@@ -40,13 +50,9 @@ class EngineSettings:
     silent_rows: int | None = None  # end after this many all-silent rows in a row
     idle_timeout_s: float = 60.0  # end a session nobody reads or writes for this long
     backlog_rows: int = 2048  # rows kept for late subscribers
-    subscriber_queue: int = 4096  # events a slow subscriber may fall behind before it is dropped
+    subscriber_queue: int = 4096  # events a slow watcher may fall behind before it is dropped
     max_append_chars: int = 16384
     sampling: dict[str, Sampling] = field(default_factory=dict)  # per output stream; others greedy
-    tool_call_stream: str | None = "tool_call"  # None: no tool wiring
-    tool_result_stream: str | None = "tool"
-    tool_timeout_s: float = 10.0
-    tool_delay_rows: int = 3  # the result enters the tool stream no sooner than this after the call's last token
     seed: int = 0
 
 
@@ -71,48 +77,43 @@ class IncrementalText:
 
 
 @dataclass
-class Subscriber:
-    streams: frozenset[str]  # what this subscriber may read
-    queue: asyncio.Queue
-    missed_from: int | None = None  # dropped for falling behind: the first row it did not get
-
-
-@dataclass
 class LiveSession:
     id: str
-    texts: dict[str, IncrementalText]
-    backlog: deque  # recent row events, for late subscribers
-    subscribers: list[Subscriber] = field(default_factory=list)
-    inbox: list[tuple[str, list[int]]] = field(default_factory=list)  # appends not yet in the decoder
-    call_tokens: list[int] = field(default_factory=list)  # the tool call being written
+    token: str  # the owner's secret: appending and closing need it
+    texts: dict[str, IncrementalText]  # output streams' detokenisers
+    backlog: deque  # recent row events, for late watchers
+    subscribers: list[Watch] = field(default_factory=list)
+    inbox: list[tuple[str, list[int], list[str]]] = field(default_factory=list)  # appends not yet in the decoder
+    typed: dict[str, deque] = field(default_factory=dict)  # input stream -> the text of each queued token
     rows: int = 0  # rows published: the next step builds row `rows`
-    scheduled: list[tuple[int, str, list[int]]] = field(default_factory=list)  # (row, stream, ids): tool results
-    tool_tasks: set = field(default_factory=set)
+    scheduled: list[tuple[int, str, list[int], list[str]]] = field(default_factory=list)  # actors' appends, by row
     last_seen: float = field(default_factory=time.monotonic)
     end: dict | None = None  # the end event, once ended
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SessionEngine:
     def __init__(self, model, tokenizer, settings: EngineSettings = EngineSettings(), replica: str = "local",
-                 run_tool: Callable[[str], Awaitable[str]] | None = None):
+                 actors: list[ActorLink] = ()):
         self.tokenizer, self.settings = tokenizer, settings
         self.schema = model.schema
         self.decoder = RowDecoder(model, max_sessions=settings.max_sessions, seed=settings.seed)
-        self.replica, self.run_tool = replica, run_tool  # replica: the start of every session id here
+        self.replica = replica  # the start of every session id here
+        self.actors = list(actors)
+        for link in self.actors:  # index(): a KeyError naming the stream when the schema lacks it
+            for name in (*link.reads, *link.writes):
+                self.schema.index(name)
         self.sessions: dict[str, LiveSession] = {}
         self.lock = asyncio.Lock()  # the decoder is touched by one coroutine (or the step thread) at a time
         self.loop_task: asyncio.Task | None = None
-        self.ended: dict[str, LiveSession] = {}  # recently ended: late subscribers get the backlog and the end
+        self.ended: dict[str, LiveSession] = {}  # recently ended: late watchers get the backlog and the end
+        self.outboxes: dict[str, Outbox] = {}  # consumer -> its watches' pending events
         self.control_ids = set(self.schema.token_ids.values()) if self.schema.token_ids else set()
         self.unknown = tokenizer.unk_token_id
         self.end_ids = self.schema.end_ids() if self.schema.token_ids else {}  # stream -> its end token id
         self.failure: str | None = None  # set when a step raised: the replica is unhealthy
         self.rows_total = 0
         self.step_seconds = 0.0
-        self.tool_call_index = None
-        if run_tool is not None:  # index(): a KeyError naming the stream when the schema lacks it
-            self.tool_call_index = self.schema.index(settings.tool_call_stream)
-            self.schema.index(settings.tool_result_stream)
 
     # ---- what clients call -----------------------------------------------------------------
     def describe(self) -> list[dict]:
@@ -134,9 +135,11 @@ class SessionEngine:
                 raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.settings.max_sessions} "
                                          "sessions; retry later")
             self.decoder.open(sid, sampling=self.settings.sampling, stop=stop)
+        token = secrets.token_urlsafe(24)
         self.sessions[sid] = LiveSession(
-            sid, {name: IncrementalText(self.tokenizer) for name in self.schema.names},
+            sid, token, {name: IncrementalText(self.tokenizer) for name in self.schema.names},
             deque(maxlen=self.settings.backlog_rows),
+            typed={s.name: deque() for s in self.schema.streams if s.role == "input"},
         )
         try:
             for stream, text, force in inputs:
@@ -146,7 +149,14 @@ class SessionEngine:
             raise
         if self.loop_task is None or self.loop_task.done():
             self.loop_task = asyncio.get_running_loop().create_task(self._run())
-        return {"id": sid, "streams": self.describe()}
+        return {"id": sid, "token": token, "streams": self.describe()}
+
+    def owner(self, session_id: str, token: str | None) -> None:
+        """Raise `forbidden` unless `token` is the session's (appending and closing need it)."""
+        session = self._live(session_id)
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), session.token.encode()):
+            raise ServeError("forbidden", f"session {session_id!r} belongs to the client that opened it: writing "
+                                          "and closing need its session token (watching does not)")
 
     def append(self, session_id: str, stream: str, text: str, force: bool = False, at_row: int | None = None,
                end: bool = False) -> dict:
@@ -166,53 +176,101 @@ class SessionEngine:
         if len(text) > self.settings.max_append_chars:
             raise ServeError("too_large",
                              f"text of {len(text)} characters; at most {self.settings.max_append_chars} per append")
-        # split_special_tokens: a user typing "<|end|>" must not inject the control token itself
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        if not force:  # a word-level vocabulary still maps a typed "<|end|>" to the control token: unknown instead
-            ids = [self.unknown if t in self.control_ids else t for t in ids]
-            ids = [t for t in ids if t is not None]
+        ids, pieces = self._tokens(text, force)
         if end and stream in self.end_ids:
             ids.append(self.end_ids[stream])
+            pieces.append(self.schema.streams[self.schema.index(stream)].end_token)
         if at_row is None:
-            session.inbox.append((stream, ids))
+            session.inbox.append((stream, ids, pieces))
         else:
-            session.scheduled.append((at_row, stream, ids))
+            session.scheduled.append((at_row, stream, ids, pieces))
         session.last_seen = time.monotonic()
-        queued = sum(len(t) for s, t in session.inbox if s == stream)
+        queued = sum(len(item[1]) for item in session.inbox if item[0] == stream)
         return {"session": session_id, "stream": stream, "tokens": len(ids), "queued": queued}
+
+    def _tokens(self, text: str, force: bool) -> tuple[list[int], list[str]]:
+        """Token ids of typed text and the piece of the text each one stands for (the spaces before
+        a token go with it, the rest of the text with the last), so echoed cells join to the text."""
+        # split_special_tokens: a user typing "<|end|>" must not inject the control token itself
+        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, cuts = [], []
+        for t, (_, stop) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if not force and t in self.control_ids:  # a word-level vocabulary maps a typed "<|end|>" to it
+                t = self.unknown
+            if t is not None:
+                ids.append(t)
+                cuts.append(stop)
+        if cuts:
+            cuts[-1] = len(text)
+        return ids, [text[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+
+    # ---- watching --------------------------------------------------------------------------
+    def watch(self, session_id: str, outbox_id: str, watch_id: str, streams: frozenset[str] | None = None,
+              from_row: int = 0, allow_ended: bool = True) -> Watch:
+        """Start putting a session's events in an outbox: the backlog from `from_row` first, then
+        live rows, then the end event. Streams outside `streams` are left out of the rows."""
+        session = self._live(session_id, allow_ended=allow_ended)
+        outbox = self.outbox(outbox_id)
+        readable = frozenset(self.schema.names) if streams is None else frozenset(streams)
+        watch = outbox.watches[watch_id] = Watch(watch_id, session_id, readable, outbox)
+        outbox.replay(watch, [e for e in session.backlog if e["row"] >= from_row])
+        if session.end is not None:
+            outbox.put_final(watch, session.end)
+        else:
+            session.subscribers.append(watch)
+            session.last_seen = time.monotonic()
+        return watch
+
+    def unwatch(self, outbox_id: str, watch_id: str) -> None:
+        outbox = self.outboxes.get(outbox_id)
+        watch = outbox.watches.pop(watch_id, None) if outbox else None
+        if watch is not None:
+            outbox.pending.pop(watch_id, None)
+            self._detach(watch)
+
+    def outbox(self, outbox_id: str) -> Outbox:
+        if outbox_id not in self.outboxes:
+            self.outboxes[outbox_id] = Outbox(outbox_id, self.settings.subscriber_queue)
+        return self.outboxes[outbox_id]
+
+    async def feed(self, outbox_id: str) -> AsyncIterator[dict[str, list[dict]]]:
+        """An outbox's events as they come, {watch id: events} per message, until the consumer
+        stops reading; its watches end with it."""
+        outbox = self.outbox(outbox_id)
+        outbox.attached = True
+        try:
+            while True:
+                yield await outbox.take()
+        finally:
+            self.drop_outbox(outbox_id)
+
+    def drop_outbox(self, outbox_id: str) -> None:
+        outbox = self.outboxes.pop(outbox_id, None)
+        for watch in list(outbox.watches.values()) if outbox else ():
+            self._detach(watch)
+
+    def _detach(self, watch: Watch) -> None:
+        session = self.sessions.get(watch.session) or self.ended.get(watch.session)
+        if session is not None and watch in session.subscribers:
+            session.subscribers.remove(watch)
+        watch.done.set()
 
     async def subscribe(self, session_id: str, streams: frozenset[str] | None = None,
                         from_row: int = 0) -> AsyncIterator[list[dict]]:
-        """Events of a session as they happen, in batches (everything ready at once): the backlog
-        from `from_row` first, then live rows, then the end event. Streams outside `streams` are
-        left out of the rows."""
-        session = self._live(session_id, allow_ended=True)
-        readable = frozenset(self.schema.names) if streams is None else frozenset(streams)
-        sub = Subscriber(readable, asyncio.Queue(self.settings.subscriber_queue))
-        replay = [e for e in session.backlog if e["row"] >= from_row]
-        if session.end is None:
-            session.subscribers.append(sub)
+        """One in-process watcher: the session's events in batches (everything ready at once)
+        until its end event or an error (e.g. `slow_consumer`, saying where to resume)."""
+        outbox_id = f"local.{uuid.uuid4().hex}"
+        watch = self.watch(session_id, outbox_id, "w", streams, from_row)
+        self.outbox(outbox_id).attached = True
         try:
-            batch = [_visible(e, readable) for e in replay]
-            if session.end is not None:
-                yield batch + [session.end]
-                return
             while True:
-                if not batch:
-                    batch.append(await sub.queue.get())
-                while not sub.queue.empty():
-                    batch.append(sub.queue.get_nowait())
-                if sub.missed_from is not None:
-                    batch.append({"type": "error", "code": "slow_consumer",
-                                  "message": f"fell {self.settings.subscriber_queue} rows behind; "
-                                             f"resubscribe with from_row={sub.missed_from}"})
-                yield batch
-                if batch[-1]["type"] in ("end", "error"):
-                    return
-                batch = []
+                batch = (await watch.outbox.take()).get(watch.id, [])
+                if batch:
+                    yield batch
+                    if batch[-1]["type"] in ("end", "error"):
+                        return
         finally:
-            if sub in session.subscribers:
-                session.subscribers.remove(sub)
+            self.drop_outbox(outbox_id)
 
     async def close(self, session_id: str, reason: str = "closed") -> None:
         session = self.sessions.get(session_id)
@@ -225,6 +283,12 @@ class SessionEngine:
                 self.decoder.close(session_id)
         self._finish(session, reason)
 
+    async def wait_end(self, session_id: str) -> str:
+        """The session's end reason, once it has ended."""
+        session = self._live(session_id, allow_ended=True)
+        await session.finished.wait()
+        return session.end["reason"]
+
     def stats(self) -> dict:
         return {"sessions": len(self.sessions), "max_sessions": self.settings.max_sessions,
                 "rows_total": self.rows_total, "step_seconds": round(self.step_seconds, 3)}
@@ -236,12 +300,13 @@ class SessionEngine:
             started = time.monotonic()
             async with self.lock:
                 for session in self.sessions.values():
-                    for stream, ids in session.inbox:
+                    due = [item for item in session.scheduled if item[0] <= session.rows]
+                    for stream, ids, pieces in session.inbox + [item[1:] for item in due]:
                         self.decoder.push(session.id, stream, ids)
+                        if stream in session.typed:
+                            session.typed[stream].extend(pieces)
                     session.inbox.clear()
-                    for item in [item for item in session.scheduled if item[0] <= session.rows]:
-                        session.scheduled.remove(item)
-                        self.decoder.push(session.id, item[1], item[2])
+                    session.scheduled = [item for item in session.scheduled if item[0] > session.rows]
                 try:
                     rows = await asyncio.to_thread(self.decoder.step)
                 except Exception as e:  # tell every client, then let the health check replace this replica
@@ -254,6 +319,7 @@ class SessionEngine:
             for row in rows:
                 self._publish(row)
             self._expire_idle()
+            self._deliver()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _publish(self, row) -> None:
@@ -262,51 +328,71 @@ class SessionEngine:
             return
         self.rows_total += 1
         session.rows = row.row + 1
-        cells = {}
-        for s, (name, token) in enumerate(zip(self.schema.names, row.tokens)):
+        said = {}  # stream -> text of its non-silent cell ("" while a character is incomplete)
+        for name, token in zip(self.schema.names, row.tokens):
             if token != self.decoder.silence:
-                text = session.texts[name].add(token)
-                if text:
-                    cells[name] = text
-        if self.tool_call_index is not None:
-            self._watch_tool_call(session, row.tokens[self.tool_call_index])
-        event = {"type": "row", "row": row.row, "cells": cells}
+                typed = session.typed.get(name)
+                said[name] = typed.popleft() if typed else session.texts[name].add(token)
+        for link in self.actors:
+            tokens = dict(zip(self.schema.names, row.tokens))
+            link.rows.append({"session": session.id, "row": row.row, "tokens": {n: tokens[n] for n in link.reads},
+                              "cells": {n: said[n] for n in link.reads if n in said}})
+        event = {"type": "row", "row": row.row, "cells": {name: text for name, text in said.items() if text}}
         session.backlog.append(event)
-        for sub in list(session.subscribers):
-            try:
-                sub.queue.put_nowait(_visible(event, sub.streams))
-            except asyncio.QueueFull:  # never let one slow reader hold the others back
-                session.subscribers.remove(sub)
-                sub.missed_from = event["row"]  # its generator reports this once the queue is drained
+        for watch in list(session.subscribers):
+            if not watch.outbox.put(watch, event):  # never let one slow reader hold the others back
+                session.subscribers.remove(watch)
+                watch.outbox.put_final(watch, {"type": "error", "code": "slow_consumer",
+                                               "message": f"fell {self.settings.subscriber_queue} rows behind; "
+                                                          f"resubscribe with from_row={event['row']}"})
         if row.done:
             self._finish(session, row.done)
 
-    def _watch_tool_call(self, session: LiveSession, token: int) -> None:
-        if token != self.decoder.silence:
-            session.call_tokens.append(token)
-            return
-        if not session.call_tokens:
-            return
-        call = self.tokenizer.decode(session.call_tokens).strip()  # an unknown word stays visible: the tool says so
-        session.call_tokens = []
-        due = session.rows - 2 + self.settings.tool_delay_rows  # the call's last token was at row session.rows - 2
-        task = asyncio.get_running_loop().create_task(self._call_tool(session.id, call, due))
-        session.tool_tasks.add(task)
-        task.add_done_callback(session.tool_tasks.discard)
+    # ---- stream actors -----------------------------------------------------------------------
+    def _deliver(self) -> None:
+        """Start a call to every actor that has rows or ends waiting and no call in flight."""
+        for link in self.actors:
+            if link.task is None and (link.rows or link.ended):
+                batch = {"silence": self.decoder.silence, **link.batch()}
+                link.task = asyncio.get_running_loop().create_task(self._call_actor(link, batch))
 
-    async def _call_tool(self, session_id: str, call: str, due: int) -> None:
+    async def _call_actor(self, link: ActorLink, batch: dict, attempts: int = 3) -> None:
         try:
-            result = await asyncio.wait_for(self.run_tool(call), self.settings.tool_timeout_s)
-        except asyncio.TimeoutError:
-            result = f"error: tool timed out after {self.settings.tool_timeout_s:g} s"
-        except Exception as e:  # the model sees the failure in the tool stream, as a tool user would
-            result = f"error: {e}"
-        if session_id in self.sessions:
-            self.append(session_id, self.settings.tool_result_stream, str(result)[: self.settings.max_append_chars],
-                        at_row=due)
+            for attempt in range(attempts):
+                try:
+                    appends = await asyncio.wait_for(link.call(batch), link.timeout_s)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a batch is retried, then given up on (logged): the rows go on
+                    log.warning("stream actor %s: %s: %s (attempt %d of %d)", link.name, type(e).__name__, e,
+                                attempt + 1, attempts)
+            else:
+                link.failures += 1
+                return
+            for item in appends or ():
+                self._actor_append(link, item)
+        finally:
+            link.task = None
+            if self.actors and (link.rows or link.ended):
+                self._deliver()
+
+    def _actor_append(self, link: ActorLink, item: dict) -> None:
+        session, stream = item.get("session"), item.get("stream")
+        if stream not in link.writes:
+            log.warning("stream actor %s may not write %r (it writes %s): dropped", link.name, stream,
+                        sorted(link.writes))
+            return
+        if session not in self.sessions:
+            return  # it ended meanwhile
+        text = str(item.get("text", ""))[: self.settings.max_append_chars]
+        self.append(session, stream, text, at_row=item.get("at_row"))
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
+        for outbox in list(self.outboxes.values()):  # watches of a consumer that never came to take them
+            if not outbox.attached and now - outbox.created > self.settings.idle_timeout_s:
+                self.drop_outbox(outbox.id)
         for session in list(self.sessions.values()):
             if session.subscribers:
                 session.last_seen = now
@@ -317,12 +403,13 @@ class SessionEngine:
 
     def _finish(self, session: LiveSession, reason: str, error: dict | None = None) -> None:
         session.end = {"type": "end", "reason": reason}
-        for task in session.tool_tasks:
-            task.cancel()
-        for sub in session.subscribers:
-            if error:
-                _put_last(sub.queue, error)
-            _put_last(sub.queue, session.end)
+        session.finished.set()
+        for link in self.actors:
+            link.ended.append({"session": session.id, "reason": reason})
+        if self.actors:
+            self._deliver()
+        for watch in session.subscribers:
+            watch.outbox.put_final(watch, *([error] if error else []), session.end)
         session.subscribers.clear()
         self.sessions.pop(session.id, None)
         self.ended[session.id] = session
@@ -337,16 +424,3 @@ class SessionEngine:
                 raise ServeError("session_ended", f"session {session_id!r} has ended ({reason})")
             raise ServeError("unknown_session", f"no session {session_id!r} on this server")
         return session
-
-
-def _visible(event: dict, streams: frozenset[str]) -> dict:
-    if event["type"] != "row" or event["cells"].keys() <= streams:
-        return event
-    return {**event, "cells": {k: v for k, v in event["cells"].items() if k in streams}}
-
-
-def _put_last(queue: asyncio.Queue, event: dict) -> None:
-    """Put a final event even into a full queue (dropping the oldest): an end is never lost."""
-    if queue.full():
-        queue.get_nowait()
-    queue.put_nowait(event)

@@ -169,6 +169,49 @@ def test_sampling_rules():
     assert torch.equal(a, b)
 
 
+def test_repetition_penalty_in_sample():
+    logits = torch.zeros(1, 2, 6)
+    logits[0, :, 2], logits[0, :, 3], logits[0, :, 4] = 4.0, 3.0, -1.0
+    cells = CellSampling.build([[Sampling()] * 2], "cpu")
+    assert sample(logits, cells, 0).tolist() == [[2, 2]]
+    # token 2 already written by stream 0: 4 / 2 = 2 < 3, so 3 wins there; stream 1 is untouched
+    repeated = (torch.tensor([0]), torch.tensor([0]), torch.tensor([2]), torch.tensor([2.0]))
+    assert sample(logits, cells, 0, repeated=repeated).tolist() == [[3, 2]]
+    # a negative logit is multiplied (made less likely too), as transformers does
+    low = torch.full((1, 1, 3), -2.0)
+    low[0, 0, 1] = -1.0
+    one = CellSampling.build([[Sampling()]], "cpu")
+    penalised = (torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), torch.tensor([3.0]))
+    assert sample(low, one, 2, repeated=penalised).tolist() == [[0]]
+    assert logits[0, 0, 2] == 4.0  # the input is not modified
+
+
+def test_repetition_penalty_counts_the_current_turn_only(model, bound):
+    """Each sampled output token is the argmax of the last row's logits with the penalty applied
+    to the tokens the stream wrote since its last end token (checked against a plain recomputation);
+    the end token starts a new turn."""
+    out, end, silence = bound.index("output"), bound.end_ids()["output"], bound.silence_id
+    talk = Sampling(silence_penalty=1e4, repetition_penalty=2.0)
+    decoder = RowDecoder(model, seed=0)
+    sid = decoder.open(prefill=[[3, 4, 5]], sampling={"output": talk}, stop=StopRules(50, end_streams=()))
+    decoder.push(sid, "output", [6, 6, end])  # forced cells count too; then a new turn
+    previous, turn, rows, differs = None, set(), [], 0
+    for _ in range(40):
+        (row,) = decoder.step(return_logits=True)
+        token = row.tokens[out]
+        if previous is not None and len(rows) >= 3:  # sampled cells (the first three were forced)
+            logits = previous[out].clone().float()
+            logits[silence] -= 1e4
+            for t in turn:
+                logits[t] = logits[t] / 2.0 if logits[t] > 0 else logits[t] * 2.0
+            assert token == int(logits.argmax()), (rows, token)
+            differs += int(logits.argmax()) != int(previous[out].float().argmax())
+        turn = set() if token == end else turn | ({token} - {silence})
+        previous, rows = row.logits, rows + [token]
+    assert rows[:3] == [6, 6, end] and decoder.sessions[sid].turn[out] == turn
+    assert differs > 0  # the penalty changed some choices
+
+
 def test_per_stream_sampling_settings(model):
     decoder = RowDecoder(model, seed=1)
     decoder.open(prefill=[[3, 4, 5]], sampling={"think": Sampling(temperature=3.0)}, stop=StopRules(30))

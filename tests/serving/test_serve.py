@@ -8,111 +8,16 @@ Three apps run side by side on one Serve instance:
 
 import asyncio
 import json
-import socket
 import time
 from contextlib import AsyncExitStack
 
 import httpx
 import pytest
+from served_app import KEYS, NUMBERS, app_config, collect, next_error, read_until, run, words_of, ws_url
 
-from ms_ray.config import ServeConfig
-from ms_ray.core.families import tiny_base_model
-from ms_ray.core.model import MultiStreamLM
+from ms_ray.core.loading import load_tokenizer
 from ms_ray.serving.client import connect_session, wait_ready
 from ms_ray.serving.session_ids import replica_of
-
-KEYS = {"user": "user-key", "tool": "tool-key", "operator": "operator-key", "monitor": "monitor-key"}
-ROLES = {
-    "user": {"keys": [KEYS["user"]], "write": ["user"], "hidden": ["think"]},
-    "tool": {"keys": [KEYS["tool"]], "open": False, "write": ["tool"], "read": ["tool_call", "tool"]},
-    "operator": {"keys": [KEYS["operator"]], "write": ["user"], "force": ["tool_call"], "hidden": ["think"]},
-    "monitor": {"keys": [KEYS["monitor"]], "open": False},
-}
-NUMBERS = [str(n) for n in range(145)]  # one word-level token each in the skill tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def app_config(checkpoint, port, name, **sections) -> ServeConfig:
-    data = {
-        "checkpoint": str(checkpoint), "name": name, "log_level": "WARNING", "route_prefix": f"/{name}", "port": port,
-        "roles": ROLES,
-        "ingress": {"anonymous_role": None, "call_timeout_s": 10, "max_frame_bytes": 4096},
-        "session": {
-            "row_interval_s": 0.01, "idle_timeout_s": 30,
-            # the random model's tool_call stays silent unless forced; its output and think never are
-            "sampling": {"tool_call": {"silence_penalty": -1e4}, "output": {"silence_penalty": 1e4},
-                         "think": {"silence_penalty": 1e4}},
-        },
-        "model": {"num_cpus": 0, "max_sessions_per_replica": 24},
-    }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    return ServeConfig.model_validate(data)
-
-
-@pytest.fixture(scope="module")
-def served(ray_local, tok, sch, tmp_path_factory):
-    from ray import serve
-
-    from ms_ray.serving.app import build
-
-    checkpoint = tmp_path_factory.mktemp("serve") / "tiny"
-    MultiStreamLM(tiny_base_model("llama", len(tok), seed=0), sch).save_pretrained(checkpoint, tok)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    apps = {
-        "main": app_config(checkpoint, port, "main"),
-        "small": app_config(checkpoint, port, "small", model={"max_sessions_per_replica": 1}),
-    }
-    for cfg in apps.values():
-        serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    for name in apps:
-        wait_ready(f"{base}/{name}")
-    yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "checkpoint": checkpoint, "port": port, "apps": apps}
-    serve.shutdown()
-
-
-def ws_url(served, app="main"):
-    return f"{served['ws']}/{app}"
-
-
-def run(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def words_of(rows, stream):
-    return "".join(r["cells"].get(stream, "") for r in rows).split()
-
-
-async def read_until(session, predicate, timeout=30):
-    """Frames until predicate(rows) holds; returns (rows, errors)."""
-    rows, errors = [], []
-    deadline = time.monotonic() + timeout
-    while not predicate(rows):
-        assert time.monotonic() < deadline, f"timed out; last rows {rows[-3:]}, errors {errors}"
-        frame = await session.recv(timeout)
-        assert frame is not None, \
-            f"connection closed early ({session.close_code} {session.close_reason}); errors {errors}"
-        (rows if frame["type"] == "row" else errors).append(frame)
-    return rows, errors
-
-
-async def next_error(session, timeout=10) -> dict:
-    """Skip rows (they keep coming) up to the next error frame."""
-    while (frame := await session.recv(timeout))["type"] != "error":
-        assert frame["type"] == "row", frame
-    return frame
-
-
-async def collect(session, into: list) -> None:
-    async for frame in session.frames(60):
-        into.append(frame)
 
 
 # ---- health ------------------------------------------------------------------------------
@@ -184,16 +89,51 @@ def test_16_concurrent_sessions_lose_nothing(served):
             rows, errors = await read_until(s, lambda r: len(words_of(r, "user")) >= len(words), timeout=60)
             rows += (await read_until(s, lambda r: len(r) >= 3))[0]  # a few more rows: nothing extra arrives
             rows += [f for f in await s.close() if f["type"] == "row"]
-            return words, rows, errors
+            return s.id, words, rows, errors
 
     async def all_sessions():
         return await asyncio.gather(*(one(i) for i in range(16)))
 
     results = run(all_sessions())
-    for words, rows, errors in results:
+    for _, words, rows, errors in results:
         assert errors == []
         assert words_of(rows, "user") == words
         assert [r["row"] for r in rows] == list(range(len(rows))), "row numbers missing or repeated"
+    check_recorded(served, {sid: rows for sid, _, rows, _ in results})
+
+
+def check_recorded(served, received: dict[str, list[dict]]):
+    """The recorder wrote each session as the clients received it, and `ms-ray prepare` reads the
+    files back (format: table) without a drop."""
+    from ms_ray.config import PrepareConfig, load_config
+    from ms_ray.core.streams import StreamSchema
+    from ms_ray.data.formats import read_table_jsonl
+    from ms_ray.data.pipeline import prepare
+
+    schema = StreamSchema.load(served["checkpoint"])
+    tokenizer = load_tokenizer(served["checkpoint"], schema)
+    schema = schema.bind(tokenizer)
+    deadline, lines = time.monotonic() + 30, {}
+    while set(received) - set(lines):  # a session's line is written once its end has reached the recorder
+        assert time.monotonic() < deadline, f"not recorded: {sorted(set(received) - set(lines))}"
+        time.sleep(0.2)
+        files = sorted(served["sessions"].glob("*/*.jsonl"))
+        lines = {e.id: e for f in files for e in read_table_jsonl(f, schema, tokenizer)}
+    for sid, rows in received.items():
+        table = lines[sid].rows
+        assert len(table) == len(rows)
+        for name in ("user", "output"):
+            said = [int(t) for t in table[:, schema.index(name)] if t != schema.silence_id]
+            assert tokenizer.decode(said).split() == words_of(rows, name), (sid, name)
+    streams = [{"name": s.name, "role": s.role, **({"end_token": s.end_token} if s.end_token else {})}
+               for s in schema.streams]
+    data = {"schema": {"streams": streams}, "tokenizer": str(served["checkpoint"]),
+            "output": str(served["sessions"].parent / "prepared"), "split": {"validation_fraction": 0.0},
+            "packing": {"max_rows": 4096}, "max_drop_share": 0.0,
+            "sources": [{"kind": "jsonl", "name": f"recorded{i}", "format": "table", "path": str(f)}
+                        for i, f in enumerate(sorted(served["sessions"].glob("*/*.jsonl")))]}
+    manifest = prepare(load_config(PrepareConfig, data=data), log=lambda *a: None)
+    assert manifest["counts"]["examples"] >= len(received)
 
 
 # ---- tools -------------------------------------------------------------------------------
@@ -287,9 +227,13 @@ def test_refusals_close_the_socket_with_a_code(served):
         out = {}
         async with connect_session(ws_url(served), "wrong-key") as s:
             out["bad_key"] = s.first, await s.recv(5), s.close_code
-        async with connect_session(ws_url(served), KEYS["monitor"], session="zzzzzzzz.0123456789abcdef") as s:
-            frames = [f async for f in s.frames(5)]
-            out["unknown"] = s.first, frames[-1], s.close_code
+        async with connect_session(ws_url(served), KEYS["user"]) as live:  # its id names a live replica
+            unknown = f"{replica_of(live.id)}.0123456789abcdef"
+            for name, sid in (("unknown", unknown), ("gone", "zzzzzzzz.0123456789abcdef")):
+                async with connect_session(ws_url(served), KEYS["monitor"], session=sid) as s:
+                    frames = [f async for f in s.frames(5)]
+                    out[name] = s.first, frames, s.close_code
+            await live.close()
         async with connect_session(ws_url(served)) as s:  # no key, no anonymous role
             out["no_key"] = s.first, await s.recv(5), s.close_code
         return out
@@ -297,8 +241,11 @@ def test_refusals_close_the_socket_with_a_code(served):
     out = run(scenario())
     assert out["bad_key"][0]["code"] == "unauthorized" and out["bad_key"][2] == 1008
     assert out["no_key"][0]["code"] == "unauthorized" and "key" in out["no_key"][0]["message"]
-    assert out["unknown"][0]["type"] == "session"  # attaching is allowed; the stream then says why not
-    assert out["unknown"][1]["code"] in ("unknown_session", "session_lost") and out["unknown"][2] in (4404, 1011)
+    # no session frame for a session that does not exist: the error once, then the close
+    assert out["unknown"][0]["code"] == "unknown_session" and out["unknown"][1] == []
+    assert out["unknown"][2] == 4404
+    # an id of a replica that is not there (it died, or never was): session_lost, nothing waits for it
+    assert out["gone"][0]["code"] == "session_lost" and out["gone"][1] == [] and out["gone"][2] == 1011
 
 
 # ---- HTTP + SSE --------------------------------------------------------------------------
@@ -313,11 +260,14 @@ def sse_events(lines):
 
 
 def test_http_session_with_server_sent_events(served):
-    base, auth = f"{served['http']}/main", {"Authorization": f"Bearer {KEYS['user']}"}
+    base, key = f"{served['http']}/main", {"Authorization": f"Bearer {KEYS['user']}"}
     with httpx.Client(timeout=30) as http:
-        created = http.post(f"{base}/v1/sessions", headers=auth)
+        created = http.post(f"{base}/v1/sessions", headers=key)
         assert created.status_code == 201, created.text
-        sid = created.json()["id"]
+        sid, auth = created.json()["id"], {**key, "X-Session-Token": created.json()["token"]}
+        stranger = http.post(f"{base}/v1/sessions/{sid}/append", headers=key, json={"stream": "user", "text": " 1"})
+        assert stranger.status_code == 403 and "token" in stranger.json()["message"]
+        assert http.delete(f"{base}/v1/sessions/{sid}", headers=key).status_code == 403
         for w in ("8", "9", "10"):
             ok = http.post(f"{base}/v1/sessions/{sid}/append", headers=auth, json={"stream": "user", "text": f" {w}"})
             assert ok.status_code == 200 and ok.json()["tokens"] == 1

@@ -16,6 +16,7 @@ from ms_ray.data.skills import SKILL_STREAMS
 from ms_ray.data.tokenizer import train_bpe
 from ms_ray.serving.session_ids import replica_of
 from ms_ray.serving.sessions import EngineSettings, IncrementalText, ServeError, SessionEngine
+from ms_ray.serving.stream_actors import ActorLink, Calculator
 from ms_ray.tools import run_call
 
 WAIT = 30  # seconds: a bound that a working engine never comes near
@@ -125,13 +126,13 @@ def test_rows_are_consecutive_and_words_arrive_once_in_order(skill_model, tok):
         # before the first row: one word per row from row 0
         assert engine.append(sid, "user", "cat dog bird") == {"session": sid, "stream": "user", "tokens": 3,
                                                               "queued": 3}
-        assert engine.append(sid, "user", "fish red")["queued"] == 5
+        assert engine.append(sid, "user", " fish red")["queued"] == 5  # cells show what was typed: spaces too
         assert engine.append(sid, "user", "")["tokens"] == 0
         later = ["blue", "green", "sun"]
 
         def append_later(events):
             if len(rows_of(events)) == 8 and later:
-                engine.append(sid, "user", " ".join(later))
+                engine.append(sid, "user", " " + " ".join(later))
                 later.clear()
             return False
 
@@ -171,7 +172,7 @@ def test_concurrent_appends_are_all_applied(skill_model, tok):
 
     async def writer(engine, sid, mine):
         for w in mine:
-            engine.append(sid, "user", w)
+            engine.append(sid, "user", f" {w}")
             await asyncio.sleep(0.001 * random.Random(w).random())
 
     async def main():
@@ -401,8 +402,11 @@ def test_an_append_that_ends_the_turn_adds_the_stream_s_end_token(skill_model, t
         assert (await engine.open())["streams"][0] == {"name": "user", "role": "input", "end_token": "<|end_user|>"}
         assert engine.append(sid, "user", "hello there", end=True)["tokens"] == 3
         assert engine.append(sid, "user", " <|end_user|>")["tokens"] == 1  # typed: unknown, never the control token
+        queued = [ids for _, ids, _ in engine.sessions[sid].inbox]
         user = [e["cells"].get("user") for e in rows_of(await read(engine, sid))][:4]
-        assert [c.strip() for c in user[:3]] == ["hello", "there", "<|end_user|>"] and "<|end_user|>" not in user[3]
+        end_user = chat_model.schema.end_ids()["user"]
+        assert queued[0][-1] == end_user and queued[1] == [words.unk_token_id]
+        assert user == ["hello", " there", "<|end_user|>", " <|end_user|>"]  # the cells show what was typed
         skills = engine_for(skill_model, tok)
         sid = (await skills.open(max_rows=2))["id"]
         assert skills.append(sid, "user", "cat dog", end=True)["tokens"] == 2  # the skills' user has no end token
@@ -426,9 +430,9 @@ def test_append_errors(skill_model, tok):
         assert "11 characters" in message and "10" in message
         assert "'text'" in serve_error("bad_frame", engine.append, sid, "user", 42)
         assert "'text'" in serve_error("bad_frame", engine.append, sid, "user", None)
-        engine.append(sid, "user", "red sun")
+        engine.append(sid, "user", " red sun")
         events = await read(engine, sid)
-        assert words_of(events, "user") == ["cat", "dog", "<|unk|>", "red", "sun"]  # refused appends queued nothing
+        assert words_of(events, "user") == ["cat", "dog", "bi", "red", "sun"]  # refused appends queued nothing
         assert "max_rows" in serve_error("session_ended", engine.append, sid, "user", "cat")
         assert "'nope'" in serve_error("unknown_session", engine.append, "nope", "user", "cat")
 
@@ -519,15 +523,11 @@ def test_force_on_a_3_stream_schema(schema, tokenizer):
     run(main())
 
 
-def test_tool_wiring_needs_both_streams(schema, tokenizer):
+def test_actor_streams_must_be_the_model_s(schema, tokenizer):
     model = make_model(schema.bind(tokenizer), len(tokenizer))
-
-    async def fake(call):
-        return "0"
-
     with pytest.raises(KeyError, match="tool_call"):
-        SessionEngine(model, tokenizer, EngineSettings(), run_tool=fake)
-    SessionEngine(model, tokenizer, EngineSettings(), run_tool=None)  # no tools: fine
+        SessionEngine(model, tokenizer, EngineSettings(), actors=[calculator_link(lambda call: "0")])
+    SessionEngine(model, tokenizer, EngineSettings(), actors=[])  # no actors: fine
 
 
 def special_ids(tokenizer):
@@ -540,7 +540,7 @@ def test_typed_end_token_is_text_not_the_control_token_bpe(bpe_model, bpe):
         sid = (await engine.open(max_rows=40))["id"]
         typed = "héllo <|end|> 日本 <|silence|>"
         info = engine.append(sid, "user", typed)
-        ((stream, ids),) = engine.sessions[sid].inbox
+        ((stream, ids, _),) = engine.sessions[sid].inbox
         assert stream == "user" and len(ids) == info["tokens"] > 4
         assert not set(ids) & special_ids(bpe)
         events = await read(engine, sid)
@@ -554,7 +554,7 @@ def test_typed_end_token_is_text_not_the_control_token_word_level(skill_model, t
         engine = engine_for(skill_model, tok)
         sid = (await engine.open(max_rows=3))["id"]
         engine.append(sid, "user", "cat <|end|> <|silence|>")
-        ((_, ids),) = engine.sessions[sid].inbox
+        ((_, ids, _),) = engine.sessions[sid].inbox
         await engine.close(sid)
         assert sch.end_ids()["output"] not in ids and sch.silence_id not in ids, ids
 
@@ -576,7 +576,7 @@ def test_quiet_after_end_until_new_input(skill_model, tok, sch, quiet):
             rows = rows_of(events)
             if len(rows) == 4 and "end" not in state:
                 state["end"] = True
-                engine.sessions[sid].inbox.append(("output", [end_id]))
+                engine.sessions[sid].inbox.append(("output", [end_id], []))
             ends = [r["row"] for r in rows if r["cells"].get("output", "").strip() == "<|end|>"]
             if ends and "user" not in state and rows[-1]["row"] >= ends[0] + 8:
                 state["user"] = True
@@ -608,12 +608,12 @@ def test_end_on_end_token_ends_the_session(skill_model, tok, sch):
     async def main():
         engine = engine_for(skill_model, tok, sampling={"output": MUTE})
         sid = (await engine.open(max_rows=50, end_on_end_token=True))["id"]
-        engine.sessions[sid].inbox.append(("output", [tok.convert_tokens_to_ids("cat"), end_id]))
+        engine.sessions[sid].inbox.append(("output", [tok.convert_tokens_to_ids("cat"), end_id], []))
         events = await read(engine, sid)
         assert len(check_rows(events)) == 2
         ended(events, "end_token")
         other = (await engine.open(max_rows=4))["id"]  # the setting (False) is back for the next session
-        engine.sessions[other].inbox.append(("output", [end_id]))
+        engine.sessions[other].inbox.append(("output", [end_id], []))
         events = await read(engine, other)
         assert len(check_rows(events)) == 4
         ended(events, "max_rows")
@@ -688,7 +688,12 @@ def test_slow_subscriber_can_resume_without_losing_rows(skill_model, tok):
     run(main())
 
 
-# ---- the tool runner -----------------------------------------------------------------------
+# ---- stream actors: the calculator (the tool runner) ---------------------------------------
+def calculator_link(tool, **args) -> ActorLink:
+    """The calculator as the engine sees it, called in-process (in Serve: a deployment handle)."""
+    return ActorLink("calculator", ("tool_call",), frozenset({"tool"}), Calculator(tool=tool, **args))
+
+
 def test_tool_call_result_comes_back_while_rows_go_on(skill_model, tok):
     calls = []
 
@@ -699,7 +704,7 @@ def test_tool_call_result_comes_back_while_rows_go_on(skill_model, tok):
 
     async def main():
         settings = EngineSettings(row_interval_s=0, sampling={"tool_call": MUTE})
-        engine = SessionEngine(skill_model, tok, settings, run_tool=calculator)
+        engine = SessionEngine(skill_model, tok, settings, actors=[calculator_link(calculator)])
         sid = (await engine.open(max_rows=40))["id"]
         engine.append(sid, "user", "what")
         engine.append(sid, "tool_call", "mul 6 7", force=True)
@@ -724,8 +729,8 @@ def test_a_quick_tool_answers_exactly_delay_rows_after_the_call(skill_model, tok
         return run_call(call)
 
     async def main():
-        settings = EngineSettings(row_interval_s=0.02, sampling={"tool_call": MUTE}, tool_delay_rows=delay)
-        engine = SessionEngine(skill_model, tok, settings, run_tool=calculator)
+        settings = EngineSettings(row_interval_s=0.02, sampling={"tool_call": MUTE})
+        engine = SessionEngine(skill_model, tok, settings, actors=[calculator_link(calculator, delay_rows=delay)])
         sid = (await engine.open(max_rows=16))["id"]
         engine.append(sid, "tool_call", "mul 6 7", force=True)  # rows 0-2, silent at row 3
         rows = check_rows(await read(engine, sid))
@@ -744,8 +749,8 @@ def test_tool_failure_is_written_to_the_tool_stream(bpe_model, bpe, mode):
         await asyncio.sleep(60)
 
     async def main():
-        settings = EngineSettings(row_interval_s=0, sampling={"tool_call": MUTE}, tool_timeout_s=0.05)
-        engine = SessionEngine(bpe_model, bpe, settings, run_tool=broken)
+        settings = EngineSettings(row_interval_s=0, sampling={"tool_call": MUTE})
+        engine = SessionEngine(bpe_model, bpe, settings, actors=[calculator_link(broken, timeout_s=0.05)])
         sid = (await engine.open(max_rows=300))["id"]
         engine.append(sid, "tool_call", "mul 6 7", force=True)
         events = await read(engine, sid, until=lambda ev: len(text_of(ev, "tool")) >= len(expected))
@@ -763,7 +768,7 @@ def test_an_overlong_tool_answer_still_reaches_the_tool_stream(skill_model, tok)
 
     async def main():
         settings = EngineSettings(row_interval_s=0, sampling={"tool_call": MUTE}, max_append_chars=50)
-        engine = SessionEngine(skill_model, tok, settings, run_tool=verbose)
+        engine = SessionEngine(skill_model, tok, settings, actors=[calculator_link(verbose)])
         sid = (await engine.open(max_rows=25))["id"]
         engine.append(sid, "tool_call", "mul 6 7", force=True)
         events = await read(engine, sid)
@@ -787,7 +792,7 @@ def test_tool_task_is_cancelled_when_the_session_closes(skill_model, tok):
                 raise
 
         settings = EngineSettings(row_interval_s=0, sampling={"tool_call": MUTE})
-        engine = SessionEngine(skill_model, tok, settings, run_tool=slow)
+        engine = SessionEngine(skill_model, tok, settings, actors=[calculator_link(slow)])
         sid = (await engine.open())["id"]
         engine.append(sid, "tool_call", "mul 1 2", force=True)
         await asyncio.wait_for(begun.wait(), 10)
@@ -831,3 +836,91 @@ def test_incremental_text_word_level(tok):
     ids = tok("cat dog 42 bird", add_special_tokens=False)["input_ids"]
     assert pieces(tok, ids) == ["cat", " dog", " 42", " bird"]
     assert "".join(pieces(tok, ids + [tok.convert_tokens_to_ids("<|end|>")])) == "cat dog 42 bird <|end|>"
+
+
+# ---- outboxes, ownership, exact echo ------------------------------------------------------
+def test_one_outbox_takes_every_watched_session_in_one_message(skill_model, tok):
+    """What an ingress replica gets (SessionServer.feed): one message per step for all the sessions
+    it watches, each watch with only its own streams, not one message per row per session."""
+    async def main():
+        engine = engine_for(skill_model, tok, row_interval_s=0.02)
+        sids = [(await engine.open(max_rows=30))["id"] for _ in range(3)]
+        for i, sid in enumerate(sids):
+            engine.watch(sid, "ingress-1", f"w{i}", frozenset({"user"}) if i == 0 else None)
+            engine.append(sid, "user", f" cat dog {i}")
+        engine.outbox("ingress-1").attached = True
+        messages = []
+        gen = engine.feed("ingress-1")
+        async with contextlib.aclosing(gen):
+            async for message in gen:
+                messages.append(message)
+                if sum(e["type"] == "end" for m in messages for events in m.values() for e in events) == 3:
+                    break
+        assert "ingress-1" not in engine.outboxes  # the feed's end drops its outbox
+        return messages
+
+    messages = run(main())
+    per_watch = {w: [e for m in messages for e in m.get(w, [])] for w in ("w0", "w1", "w2")}
+    for w, events in per_watch.items():
+        check_rows(events)
+        ended(events, "max_rows")
+        assert len(rows_of(events)) == 30
+    assert all(set(r["cells"]) <= {"user"} for r in rows_of(per_watch["w0"]))
+    assert any("output" in r["cells"] for r in rows_of(per_watch["w1"]))
+    assert len(messages) <= 31  # a message per step at most, whatever the number of sessions
+    assert sum(len(m) == 3 for m in messages) >= 20  # most carry all three sessions' rows
+
+
+def test_unattached_outbox_is_reaped_and_unwatch_detaches(skill_model, tok):
+    async def main():
+        engine = engine_for(skill_model, tok, row_interval_s=0.01, idle_timeout_s=0.2)
+        sid = (await engine.open(max_rows=200))["id"]
+        engine.watch(sid, "gone", "w")  # an ingress that never came to take its events
+        watch = engine.watch(sid, "here", "w")
+        engine.outbox("here").attached = True
+        engine.unwatch("here", "w")
+        assert watch.done.is_set() and engine.sessions[sid].subscribers == [engine.outboxes["gone"].watches["w"]]
+        await asyncio.sleep(0.5)
+        reaped = "gone" not in engine.outboxes and engine.sessions.get(sid) is None
+        return reaped, engine.ended[sid].end
+
+    reaped, end = run(main())
+    assert reaped and end == {"type": "end", "reason": "idle_timeout"}  # nobody watches: the session idles out
+
+
+def test_the_session_token_is_the_owners(skill_model, tok):
+    async def main():
+        engine = engine_for(skill_model, tok)
+        info = await engine.open(max_rows=5)
+        other = await engine.open(max_rows=5)
+        engine.owner(info["id"], info["token"])
+        messages = [serve_error("forbidden", engine.owner, info["id"], token)
+                    for token in (None, "", other["token"], info["token"][:-1])]
+        await close_all(engine)
+        return info, other, messages
+
+    info, other, messages = run(main())
+    assert info["token"] != other["token"] and len(info["token"]) >= 32
+    assert all("token" in m for m in messages)
+
+
+@pytest.mark.parametrize("typed", ["  cat dog", " cat  dog ", "cat\tdog\n", "  日本 😀 ok"])
+def test_input_cells_join_to_exactly_what_was_typed(bpe_model, bpe, typed):
+    async def main():
+        engine = engine_for(bpe_model, bpe)
+        sid = (await engine.open(max_rows=40))["id"]
+        engine.append(sid, "user", typed, end=False)
+        return await read(engine, sid)
+
+    assert text_of(run(main()), "user") == typed
+
+
+def test_input_cells_keep_spaces_with_a_word_level_vocabulary(skill_model, tok):
+    async def main():
+        engine = engine_for(skill_model, tok)
+        sid = (await engine.open(max_rows=12))["id"]
+        engine.append(sid, "user", "  cat   dog ")
+        engine.append(sid, "user", "zzzunknown bird")  # an unknown word: its cell still shows what was typed
+        return await read(engine, sid)
+
+    assert text_of(run(main()), "user") == "  cat   dog zzzunknown bird"

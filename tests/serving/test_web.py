@@ -274,10 +274,11 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
 
     opened = httpx.post(f"{served}/v1/sessions", timeout=30)  # a user session (anonymous, HTTP)
     assert opened.status_code == 201, opened.text
-    sid = opened.json()["id"]
+    sid, owner = opened.json()["id"], {"X-Session-Token": opened.json()["token"]}
 
-    def alive():  # the session still takes input
-        more = httpx.post(f"{served}/v1/sessions/{sid}/append", json={"stream": "user", "text": " 7"}, timeout=30)
+    def alive():  # the session still takes input from its opener
+        more = httpx.post(f"{served}/v1/sessions/{sid}/append", json={"stream": "user", "text": " 7"},
+                          headers=owner, timeout=30)
         return more.status_code == 200
 
     def leave(reason):  # Disconnect in a tab that attached: the session goes on
@@ -288,7 +289,7 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
 
     try:
         question = {"stream": "user", "text": "what is 6 times 7"}
-        appended = httpx.post(f"{served}/v1/sessions/{sid}/append", json=question, timeout=30)
+        appended = httpx.post(f"{served}/v1/sessions/{sid}/append", json=question, headers=owner, timeout=30)
         assert appended.status_code == 200, appended.text
         browser.get(f"{served}/?session={sid}&key={MONITOR_KEY}")  # the share link plus a key: attaches at once
         state = wait_page(browser, "the monitor to attach", lambda s: s["state"] == "open")
@@ -301,15 +302,16 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
         assert state["texts"]["think"]
         leave("monitor detaching")
 
-        browser.get(f"{served}/?session={sid}")  # the plain share link: an anonymous user attaches (no think)
+        browser.get(f"{served}/?session={sid}")  # the plain share link: an anonymous user watches (no think)
         state = wait_page(browser, "the user to attach", lambda s: s["state"] == "open")
-        assert state["columns"] == ["row", "user", "output", "tool", "tool_call"] and state["composer"]
-        leave("attached user leaving")
+        assert state["columns"] == ["row", "user", "output", "tool", "tool_call"]
+        assert not state["composer"] and state["readonly"]  # no session token: it cannot write
+        leave("watching user leaving")
 
         browser.get(f"{served}/?session={sid}&key={MONITOR_KEY}")
         wait_page(browser, "the monitor to attach again", lambda s: s["state"] == "open")
     finally:
-        httpx.delete(f"{served}/v1/sessions/{sid}", timeout=30)  # the user ends it; the monitor sees the end
+        httpx.delete(f"{served}/v1/sessions/{sid}", headers=owner, timeout=30)  # the opener ends it; the monitor sees
     state = wait_page(browser, "the end", lambda s: s["state"] == "closed", 20)
     assert state["status"].startswith("ended: closed · closed: 1000"), state["status"]
     assert not state["errors"], state["errors"]
@@ -317,10 +319,11 @@ def test_monitor_attaches_by_link_and_sees_think(served, browser):
 
 # ---- the README's screenshot -------------------------------------------------------------------
 def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question="what is 6 times 7",
-               config=None) -> None:
+               config=None, end="<|end|>") -> None:
     """A live session with the trained model at the shipped row clock: Connect, the question typed
     into the page and sent with Enter, the answer (tool call, tool result, output) on screen, saved
-    as a PNG. config: a serve file (serve/smollm2.yaml for the real-language model)."""
+    as a PNG. config: a serve file (serve/smollm2.yaml for the real-language model, whose `end` is
+    <|im_end|>)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -334,7 +337,7 @@ def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question
                 wait_page(driver, "the session to open", lambda s: s["state"] == "open", 30)
                 time.sleep(1.0)
                 driver.find_element(By.ID, "say").send_keys(question, Keys.ENTER)
-                wait_page(driver, "the answer", lambda s: "<|end|>" in s["texts"].get("output", ""), 180)
+                wait_page(driver, "the answer", lambda s: end in s["texts"].get("output", ""), 180)
                 time.sleep(1.0)
                 height = driver.execute_script("return document.documentElement.scrollHeight")
                 driver.set_window_size(1280, min(height + 8, 1200))  # the page, without blank space below
@@ -349,4 +352,4 @@ def screenshot(checkpoint="runs/train/tiny/export", out="docs/web.png", question
 
 
 if __name__ == "__main__":
-    screenshot(*sys.argv[1:5])
+    screenshot(*sys.argv[1:6])
