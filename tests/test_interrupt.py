@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ms_ray.data.staging import sibling
 from ms_ray.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
@@ -81,12 +82,15 @@ def test_ctrl_c_during_prepare_leaves_the_old_data_set(data):
     before = load_manifest(data)
     proc = start(["prepare", "jobs/data-skills.yaml", f"output={data}",
                   "sources=[{kind: skills, examples: 50000, shards: 2}]"])
-    time.sleep(12)  # Ray is up and the shards are being written
+    # prepare makes its staging folder once its Ray is up, right before the shards are written:
+    # Ctrl-C then, instead of after a fixed 12 s sleep (Ray's start-up alone is ~6-10 s)
+    staging = sibling(data, "staging", proc.pid)
+    wait_for(staging.exists, proc, 120)
     code, out = ctrl_c(proc)
     assert code == 130, out[-3000:]
     assert out.strip().splitlines()[-1] == (f"ms-ray prepare: interrupted; the data set in {data} is as it was "
                                             "before (a new one is swapped in only when complete)")
-    assert load_manifest(data) == before
+    assert load_manifest(data) == before and not staging.exists()  # its half-written set is gone too
     for split in ("train", "validation"):
         for name in before["splits"][split]["files"]:
             assert (data / name).is_file()

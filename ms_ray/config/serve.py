@@ -134,6 +134,9 @@ class IngressConfig(Strict):
     anonymous_role: str | None = "user"  # the role of a client without a key; None: a key is required
     retry_after_s: int = Field(5, ge=1)  # told to "busy" clients
     heartbeat_s: float = Field(1.0, gt=0)  # protocol v2: a frame at least this often, rows or not
+    # protocol v2: at most one frame per connection this often; rows that come sooner wait and go
+    # together (a person cannot tell 20 frames/s from more; the proxy's CPU per frame can)
+    frame_interval_s: float = Field(0.05, ge=0)
 
 
 class ServeConfig(Strict):

@@ -99,11 +99,16 @@ def from_row_of(query) -> int:
 class Framer:
     """A watcher's batches of events -> what one client receives. v1: a frame per row. v2: one
     `rows` frame per batch with the rows that say something to this client, its `clock` the last
-    row reached, and an empty one at least every `heartbeat_s` so the clock stays visible."""
+    row reached, and an empty one at least every `heartbeat_s` so the clock stays visible; after a
+    frame, the next waits `frame_interval_s` (`pause()`), so rows that come faster share frames."""
 
-    def __init__(self, version: int, heartbeat_s: float):
-        self.version, self.heartbeat_s = version, heartbeat_s
+    def __init__(self, version: int, heartbeat_s: float, frame_interval_s: float = 0.0):
+        self.version, self.heartbeat_s, self.interval = version, heartbeat_s, frame_interval_s
         self.clock, self.sent = -1, time.monotonic()
+
+    async def pause(self) -> None:
+        if self.version == 2 and self.interval:
+            await asyncio.sleep(max(0.0, self.sent + self.interval - time.monotonic()))
 
     def frames(self, batch: list[dict]) -> list[dict]:
         rows = [e for e in batch if e["type"] == "row"]
@@ -294,8 +299,7 @@ class Ingress:
         pump, detach = None, False  # detach: a watcher said close, the session goes on
         try:
             await send(c["first"])
-            pump = asyncio.create_task(self.pump(watcher, Framer(c["version"], self.cfg.ingress.heartbeat_s),
-                                                 send, finish, fail))
+            pump = asyncio.create_task(self.pump(watcher, self.framer(c["version"]), send, finish, fail))
             while not pump.done():  # the pump ends the connection after the end frame or a fatal error
                 receive = asyncio.create_task(ws.receive())
                 await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -356,8 +360,12 @@ class Ingress:
                         await fail(ServeError(frame["code"], frame["message"]))
                         return
                     await send(frame)
+                await framer.pause()
         except (WebSocketDisconnect, RuntimeError):
             pass
+
+    def framer(self, version: int) -> Framer:
+        return Framer(version, self.cfg.ingress.heartbeat_s, self.cfg.ingress.frame_interval_s)
 
     # ---- HTTP + SSE ----------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
@@ -400,7 +408,7 @@ class Ingress:
             watcher = await self.hub.watch(session, access.read, from_row)  # refused: 404 / 410 here
         except ServeError as e:
             return error_body(e)
-        return StreamingResponse(self.sse(watcher, Framer(version, self.cfg.ingress.heartbeat_s)),
+        return StreamingResponse(self.sse(watcher, self.framer(version)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -411,6 +419,7 @@ class Ingress:
             async for batch in watcher.batches():
                 for frame in framer.frames(batch):
                     yield sse_event(frame)
+                await framer.pause()
         finally:
             self.hub.forget(watcher)
 
@@ -447,5 +456,5 @@ class Ingress:
         except ServeError as e:
             return error_body(e, self.cfg.ingress.retry_after_s)
         first = [self.session_frame(info, access, True, version, 0, info["token"])]
-        return StreamingResponse(self.sse(watcher, Framer(version, self.cfg.ingress.heartbeat_s), first),
+        return StreamingResponse(self.sse(watcher, self.framer(version), first),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

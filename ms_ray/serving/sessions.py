@@ -61,13 +61,18 @@ class IncrementalText:
     Decoding a window (not single tokens) keeps word joins and multi-byte characters right."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix = self.read = 0
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust decoder: the same
+        # text as tokenizer.decode without its per-call Python (most of a row's publishing cost)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
+        else:
+            self.decode = tokenizer.decode
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        decode = self.tokenizer.decode
+        decode = self.decode
         before = decode(self.ids[self.prefix : self.read])
         now = decode(self.ids[self.prefix :])
         if now.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte

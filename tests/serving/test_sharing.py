@@ -138,3 +138,20 @@ def test_unknown_and_ended_sessions_answer_as_the_protocol_says(served):
     assert ended.status_code == 200 and ended.text.rstrip().endswith('"reason": "closed"}')
     bad = httpx.get(f"{base}/v1/sessions/{sid}/events?v=9", headers=key, timeout=10)
     assert bad.status_code == 400 and bad.json()["code"] == "bad_version"
+
+
+def test_framer_v1_v2_heartbeat_and_frame_interval():
+    from ms_ray.serving.ingress import Framer
+
+    rows = [{"type": "row", "row": 0, "cells": {}}, {"type": "row", "row": 1, "cells": {"output": " hi"}}]
+    end = {"type": "end", "reason": "closed"}
+    assert Framer(1, 1.0).frames(rows + [end]) == rows + [end]  # v1: a frame per row, silent ones too
+    v2 = Framer(2, heartbeat_s=0.2, frame_interval_s=0.1)
+    assert v2.frames(rows) == [{"type": "rows", "clock": 1, "rows": [{"row": 1, "cells": {"output": " hi"}}]}]
+    assert v2.frames([{"type": "row", "row": 2, "cells": {}}]) == []  # silent, heartbeat not due
+    started = time.monotonic()
+    run(v2.pause())  # the next frame no sooner than frame_interval_s after the last
+    assert 0.05 < time.monotonic() - started < 0.5
+    time.sleep(0.2)
+    assert v2.frames([{"type": "row", "row": 3, "cells": {}}]) == [{"type": "rows", "clock": 3, "rows": []}]
+    assert v2.frames([end]) == [end]
