@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--versions", default="1,2", help="protocol versions to run (the code before v2: 1)")
     args = parser.parse_args()
-    seconds = args.seconds or (2.0 if args.quick else 6.0)
+    seconds = args.seconds or (1.0 if args.quick else 6.0)
     counts = (1, 16) if args.quick else (1, 4, 16, 64)
     versions = [int(v) for v in args.versions.split(",")]
     start = time.perf_counter()
