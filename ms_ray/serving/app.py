@@ -23,14 +23,11 @@ from ..config.serve import import_attr
 from ..core.loading import load_export
 from ..ray_env import init_ray
 from .access import ServeError
+from .feeds import error_event as refusal  # a refusal travels as the protocol's error event
 from .ingress import Ingress  # never the other way round: the ingress replica must not load torch
 from .session_ids import replica_of
 from .sessions import EngineSettings, SessionEngine
 from .stream_actors import ActorLink, log
-
-
-def refusal(e: ServeError) -> dict:
-    return {"type": "error", "code": e.code, "message": e.message}
 
 
 def engine_settings(cfg: ServeConfig) -> EngineSettings:

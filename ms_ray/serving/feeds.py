@@ -39,6 +39,12 @@ def as_serve_error(e: BaseException) -> ServeError:
     return ServeError("internal", f"{type(e).__name__}: {e}")
 
 
+async def awaited(response):
+    """A handle call's response as a coroutine (for asyncio.wait_for and tasks). Module-level, in
+    this torch-free module: Serve pickles the ingress deployment, whose replicas import what it uses."""
+    return await response
+
+
 def error_event(e: ServeError) -> dict:
     return {"type": "error", "code": e.code, "message": e.message}
 
@@ -46,10 +52,8 @@ def error_event(e: ServeError) -> dict:
 @dataclass
 class Watcher:
     id: str
-    session: str
     feed: "Feed"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of events, as the feed brings them
-    ack: dict = field(default_factory=dict)  # the server's answer to the watch: {"type": "watching", "row": N}
     over: bool = False  # its end or error event has been read
 
     async def batches(self):
@@ -94,10 +98,10 @@ class FeedHub:
         if replica is None:
             raise ServeError("unknown_session", f"no session {session!r} on this server")
         feed = self.feeds.get(replica) or self._start(replica)
-        watcher = Watcher(uuid.uuid4().hex, session, feed)
+        watcher = Watcher(uuid.uuid4().hex, feed)
         feed.watchers[watcher.id] = watcher
         try:
-            ack = await asyncio.wait_for(self._awaited(self.server.watch.remote(
+            ack = await asyncio.wait_for(awaited(self.server.watch.remote(
                 session=session, outbox=feed.outbox, watch=watcher.id, streams=sorted(streams),
                 from_row=from_row, allow_ended=allow_ended)), self.timeout)
         except BaseException as e:
@@ -106,7 +110,6 @@ class FeedHub:
         if ack.get("type") == "error":
             self.forget(watcher)
             raise ServeError(ack["code"], ack["message"])
-        watcher.ack = ack
         return watcher
 
     def forget(self, watcher: Watcher) -> None:
@@ -145,7 +148,3 @@ class FeedHub:
             del self.feeds[feed.replica]
         for watcher in feed.watchers.values():
             watcher.queue.put_nowait([error_event(lost)])
-
-    @staticmethod
-    async def _awaited(response):
-        return await response

@@ -32,15 +32,8 @@ from .access import (
     parse_frame,
     parse_json_object,
 )
-from .feeds import FeedHub, Watcher, as_serve_error, error_event
+from .feeds import FeedHub, Watcher, as_serve_error, awaited, error_event
 from .quotas import Quotas, client_id
-
-
-async def awaited(response):
-    """A handle call's response as a coroutine (for asyncio.wait_for). Module-level, above the
-    deployment: Serve pickles the decorated deployment and its replicas import what it references."""
-    return await response
-
 
 app = FastAPI(title="ms_ray", description="Multi-stream sessions: see serve/PROTOCOL.md")
 

@@ -338,8 +338,8 @@ class SessionEngine:
             if token != self.decoder.silence:
                 typed = session.typed.get(name)
                 said[name] = typed.popleft() if typed else session.texts[name].add(token)
+        tokens = dict(zip(self.schema.names, row.tokens))
         for link in self.actors:
-            tokens = dict(zip(self.schema.names, row.tokens))
             link.rows.append({"session": session.id, "row": row.row, "tokens": {n: tokens[n] for n in link.reads},
                               "cells": {n: said[n] for n in link.reads if n in said}})
         event = {"type": "row", "row": row.row, "cells": {name: text for name, text in said.items() if text}}

@@ -146,7 +146,6 @@ class Recorder:
         self.private, self.source, self.min_rows = sorted(private), source, min_rows
         self.folder = Path(path)
         self.sessions: dict[str, list[list[int]]] = {}  # session -> token rows, every stream
-        self.written = 0
 
     def file(self) -> Path:
         try:
@@ -186,4 +185,3 @@ class Recorder:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
-        self.written += len(lines)
