@@ -35,12 +35,13 @@ from .config import (
 )
 from .core.streams import SchemaError
 from .data.staging import PrepareError
-from .ray_env import RayAddressError, set_environment
+from .ray_env import NodesLost, RayAddressError, set_environment
 from .submit import SubmitError
 from .tracking import TrainingDiverged
 
 REFUSED = (ConfigError, FileNotFoundError, SchemaError, RayAddressError, SubmitError)  # exit 2: bad input, nothing run
-FAILED = (PrepareError, TrainingDiverged)  # exit 1: the work ran and stopped for a stated reason; what was kept is said
+# exit 1: the work ran and stopped for a stated reason; what was kept is said
+FAILED = (PrepareError, TrainingDiverged, NodesLost)
 INTERRUPTED = 130  # Ctrl-C (and SIGTERM where a command turns it into Ctrl-C: serve)
 
 

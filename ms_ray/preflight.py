@@ -10,6 +10,10 @@ config's `address`, else RAY_ADDRESS, else a local Ray.
   gpus      what each node sees; with scaling.use_gpu every worker node needs GPUs;
   backend   the collective backend the run uses is available: gloo on every node, or nccl on
             every node with GPUs (and there must be one; CPU-only nodes run no GPU worker);
+  network   the interface gloo will use on each node (GLOO_SOCKET_IFNAME where the cluster sets
+            it, else the one holding the node's Ray address): it must exist there;
+  nodes     every node listed alive answered; one that dies during the checks fails this check
+            (named), and the other checks report on the nodes that answered.
   wandb     the mode the run will use (ms_ray.tracking.wandb_mode: auto is online only with
             WANDB_API_KEY): offline/disabled pass; online needs the key and a reachable server.
 A failed check says what to fix. Exit code 0 only if every check passed. Every wait is bounded:
@@ -24,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .config import TrainConfig, load_config
-from .ray_env import init_ray, set_environment
+from .ray_env import collective_interface, init_ray, set_environment
 from .submit import SubmitError, use_token
 from .tracking import wandb_mode
 
@@ -41,7 +45,10 @@ def node_probe(storage: str, node: str, phase: str) -> dict:
     import importlib.metadata as md
     import platform
 
-    out = {"node": node, "host": platform.node()}
+    import ray
+
+    out = {"node": node, "host": platform.node(), "ip": ray.util.get_node_ip_address()}
+    out["interface"], out["interface_why"] = collective_interface(out["ip"])
     root = Path(storage)
     folder = root / ".preflight"
     try:
@@ -83,22 +90,29 @@ def _version(md, package: str) -> str:
         return "missing"
 
 
-def on_every_node(ray, nodes: list[str], storage: str, phase: str) -> list[dict]:
+def on_every_node(ray, nodes: dict[str, str], storage: str, phase: str) -> tuple[list[dict], dict[str, str]]:
+    """Run the probe on each node ({node id: address}): (the answers, {node: why it gave none}).
+    A node that dies meanwhile is one of the second (a node listed alive may be gone by the
+    time its probe is scheduled: the GCS notices a death only after its health checks)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(node_probe)
     refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
             .remote(storage, n[:12], phase): n for n in nodes}
     _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
-    if pending:
-        for ref in pending:
+    answers, silent = [], {}
+    for ref, node in refs.items():
+        name = f"{node[:12]} ({nodes[node]})"
+        if ref in pending:
             ray.cancel(ref, force=True)
-        raise PreflightError(f"no answer from node(s) {[refs[r][:12] for r in pending]} in {PROBE_TIMEOUT_S} s "
-                             f"({phase} probe): check that they are alive (`ray status`) and not out of memory")
-    try:
-        return ray.get(list(refs))
-    except ray.exceptions.RayError as e:  # the node died, or the probe could not run there
-        raise PreflightError(f"the {phase} probe failed on a node: {type(e).__name__}: {str(e)[:500]}") from None
+            silent[name] = (f"no answer in {PROBE_TIMEOUT_S} s: check that it is alive (`ray status`) "
+                            "and not out of memory")
+            continue
+        try:
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayError as e:  # the node died, or the probe could not run there
+            silent[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    return answers, silent
 
 
 def check_wandb(mode: str) -> tuple[bool, str]:
@@ -158,11 +172,20 @@ def preflight(cfg, address: str | None = None) -> int:
         ray = init_ray(address)
     except ConnectionError as e:  # nothing answers at --address (ray_env's bounded check, or Ray's own)
         raise PreflightError(str(e)) from None
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     started = time.perf_counter()
-    wrote = {r["node"]: r for r in on_every_node(ray, nodes, storage, "write")}
-    seen = {r["node"]: r for r in on_every_node(ray, nodes, storage, "read")}
-    checks = [("storage", *check_storage(storage, wrote, seen)), ("versions", *check_versions(wrote))]
+    answers, silent = on_every_node(ray, nodes, storage, "write")
+    wrote = {r["node"]: r for r in answers}
+    answers, silent_read = on_every_node(ray, {n: ip for n, ip in nodes.items() if n[:12] in wrote}, storage, "read")
+    seen = {r["node"]: r for r in answers}
+    silent |= silent_read
+    if not wrote:
+        raise PreflightError(f"no node answered the probes: {silent}")
+    wrote = {n: r for n, r in wrote.items() if n in seen}  # the nodes that answered both
+    checks = [("nodes", not silent, f"{len(wrote)} of {len(nodes)} listed alive answered" + (
+                   "" if not silent else "; " + "; ".join(f"node {n}: {why}" for n, why in silent.items())
+                   + ". A node that died is reported here; the other checks cover the nodes that answered")),
+              ("storage", *check_storage(storage, wrote, seen)), ("versions", *check_versions(wrote))]
 
     gpus = {n: r["gpus"] for n, r in wrote.items()}
     if cfg.scaling.use_gpu and sum(gpus.values()) < cfg.scaling.num_workers:
@@ -171,12 +194,24 @@ def preflight(cfg, address: str | None = None) -> int:
     else:
         checks.append(("gpus", True, f"{sum(gpus.values())} GPU(s): " + ", ".join(f"{n}={g}" for n, g in gpus.items())))
     checks.append(("backend", *check_backend(cfg.scaling.use_gpu, wrote)))
+    checks.append(("network", *check_network(cfg.scaling.use_gpu, wrote)))
     checks.append(("wandb", *check_wandb(cfg.wandb.mode)))
 
     print(f"ms-ray preflight: {len(nodes)} node(s), storage {storage}, {time.perf_counter() - started:.1f} s")
     for name, ok, detail in checks:
         print(f"  {'ok  ' if ok else 'FAIL'}  {name:<9} {detail}")
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def check_network(use_gpu: bool, wrote: dict[str, dict]) -> tuple[bool, str]:
+    """The interface gloo will use on every node (ms_ray.ray_env.collective_interface: what the
+    training workers themselves pick), which must exist; nccl picks its own."""
+    if use_gpu:
+        return True, "nccl chooses its interfaces (NCCL_SOCKET_IFNAME to override)"
+    failed = {n: r["interface_why"] for n, r in wrote.items() if r["interface"] is None}
+    if failed:
+        return False, "; ".join(f"node {n} ({wrote[n]['ip']}): {why}" for n, why in failed.items())
+    return True, "gloo on " + ", ".join(f"{r['interface']} ({r['ip']}) on {n}" for n, r in wrote.items())
 
 
 def check_storage(storage: str, wrote: dict[str, dict], seen: dict[str, dict]) -> tuple[bool, str]:

@@ -37,6 +37,11 @@ class RayAddressError(ConnectionError):
     """Nothing answers at the Ray address given; the message names it."""
 
 
+class NodesLost(RuntimeError):
+    """Work on a cluster stopped because nodes died and did not come back in time; str() names
+    them and what a re-run does."""
+
+
 def set_environment(address: str | None = None) -> None:
     """The environment a local run (address None) or a cluster client needs, set before Ray is
     imported where possible: Ray reads some of it once, at import."""
@@ -110,6 +115,42 @@ def check_reachable(address: str, timeout_s: float = 5.0, fix: str = ADDRESS_FIX
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
         raise RayAddressError(f"no Ray cluster answers at {named or address} ({reason} after at most "
                               f"{timeout_s:.0f} s): {fix}") from None
+
+
+def interface_addresses() -> dict[str, str]:
+    """{interface name: its IPv4 address} of this machine (Linux; {} elsewhere)."""
+    import fcntl
+    import socket
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+                found[name] = socket.inet_ntoa(packed[20:24])
+            except OSError:  # no IPv4 address on it
+                continue
+    return found
+
+
+def collective_interface(node_ip: str) -> tuple[str | None, str]:
+    """(interface gloo should use on this node, how it was chosen or why none works):
+    GLOO_SOCKET_IFNAME when set (and present here), else the interface holding `node_ip`."""
+    interfaces = interface_addresses()
+    chosen = os.environ.get("GLOO_SOCKET_IFNAME")
+    if chosen:
+        missing = [n for n in chosen.split(",") if n not in interfaces]
+        if missing:
+            return None, (f"GLOO_SOCKET_IFNAME={chosen} but this node has no interface {missing} "
+                          f"(it has {interfaces}): unset it (ms-ray then uses the interface of the node's "
+                          f"address) or set it to one of these")
+        return chosen, f"GLOO_SOCKET_IFNAME={chosen} (set by the cluster)"
+    holding = [n for n, ip in interfaces.items() if ip == node_ip]
+    if not holding:
+        return None, (f"no interface holds the node's address {node_ip} (interfaces: {interfaces}): "
+                      "set GLOO_SOCKET_IFNAME on every node to the interface the nodes reach each other by")
+    return holding[0], f"{holding[0]} holds the node's address {node_ip}"
 
 
 def setup_local_worker() -> None:

@@ -82,3 +82,13 @@ def test_bad_session_settings_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(cls, path, [override], check_paths=False)
     assert field in str(e.value)
+
+
+def test_placement_auto_spreads_cpu_workers_and_packs_gpu_workers():
+    from ms_ray.config.jobs import ScalingConfig
+
+    assert ScalingConfig().placement_strategy == "SPREAD"
+    assert ScalingConfig(use_gpu=True).placement_strategy == "PACK"
+    assert ScalingConfig(placement="strict_spread", use_gpu=True).placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ValueError, match="placement"):
+        ScalingConfig(placement="everywhere")

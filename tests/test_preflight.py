@@ -21,7 +21,8 @@ def test_preflight_passes_on_the_cluster_and_names_what_fails(ray_head, tmp_path
     ok = preflight(ray_head, f"run.storage={tmp_path}/runs")
     assert ok.returncode == 0, ok.stdout + ok.stderr[-3000:]
     lines = [line.split() for line in ok.stdout.splitlines() if line.startswith("  ")]
-    assert [(w[0], w[1]) for w in lines] == [("ok", c) for c in ("storage", "versions", "gpus", "backend", "wandb")]
+    checks = ("nodes", "storage", "versions", "gpus", "backend", "network", "wandb")
+    assert [(w[0], w[1]) for w in lines] == [("ok", c) for c in checks]
     assert "1 node(s)" in ok.stdout and (tmp_path / "runs" / ".preflight").is_dir()
 
     blocker = tmp_path / "a-file"
@@ -76,6 +77,36 @@ def test_wandb_check_offline_reachable_unreachable_and_missing_key(monkeypatch):
         server.shutdown()
 
 
+def test_a_node_gone_before_its_probe_runs_is_reported_not_raised(ray_local, tmp_path):
+    """A node the GCS still lists alive may be dead when its probe is scheduled (seconds after a
+    node's death): the probe of a node that does not exist fails the same way."""
+    from ms_ray.preflight import on_every_node
+
+    alive = {n["NodeID"]: n["NodeManagerAddress"] for n in ray_local.nodes() if n["Alive"]}
+    gone = "ab" * 28
+    answers, silent = on_every_node(ray_local, alive | {gone: "10.9.9.9"}, str(tmp_path / "runs"), "write")
+    assert [a["node"] for a in answers] == [n[:12] for n in alive] and answers[0]["storage"]
+    assert list(silent) == [f"{gone[:12]} (10.9.9.9)"] and "Error" in silent[f"{gone[:12]} (10.9.9.9)"]
+
+
+def test_collective_interface_is_the_one_holding_the_node_address_or_the_one_set(monkeypatch):
+    from ms_ray.preflight import check_network
+    from ms_ray.ray_env import collective_interface
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert collective_interface("127.0.0.1") == ("lo", "lo holds the node's address 127.0.0.1")
+    name, why = collective_interface("203.0.113.9")  # an address no interface here holds
+    assert name is None and "set GLOO_SOCKET_IFNAME" in why
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
+    name, why = collective_interface("127.0.0.1")
+    assert name is None and "GLOO_SOCKET_IFNAME=nosuch0" in why and "'lo'" in why and "unset it" in why
+    wrote = {"n1": {"ip": "10.0.0.1", "interface": "eth0", "interface_why": "eth0 holds ..."},
+             "n2": {"ip": "10.0.0.2", "interface": None, "interface_why": why}}
+    ok, detail = check_network(False, wrote)
+    assert not ok and "node n2 (10.0.0.2)" in detail and "nosuch0" in detail
+    assert check_network(False, {"n1": wrote["n1"]}) == (True, "gloo on eth0 (10.0.0.1) on n1")
+
+
 def test_backend_needs_nccl_on_gpu_nodes_and_at_least_one_gpu():
     from ms_ray.preflight import check_backend
 
@@ -101,7 +132,8 @@ def test_gpu_preset_on_a_cpu_cluster_creates_nothing_and_fails_storage_gpus_and_
     assert run.returncode == 1, run.stdout + run.stderr[-3000:]
     assert not (tmp_path / "mnt").exists()  # nothing created above the storage's existing ancestor
     status = {w[1]: w[0] for w in (line.split() for line in run.stdout.splitlines() if line.startswith("  "))}
-    assert status == {"storage": "FAIL", "versions": "ok", "gpus": "FAIL", "backend": "FAIL", "wandb": "ok"}, run.stdout
+    assert status == {"nodes": "ok", "storage": "FAIL", "versions": "ok", "gpus": "FAIL", "backend": "FAIL",
+                      "network": "ok", "wandb": "ok"}, run.stdout
     assert f"{tmp_path / 'mnt'} does not exist on node" in run.stdout and "Mount the shared storage" in run.stdout
     assert "nccl unavailable: no node has a GPU" in run.stdout
     assert "wandb.mode=auto -> offline (no WANDB_API_KEY)" in run.stdout

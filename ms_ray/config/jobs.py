@@ -270,6 +270,17 @@ class ScalingConfig(Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
+    # where the workers go on a cluster: auto = pack for GPU workers (ranks of one node talk over
+    # its fast links; resources still spread them when a node is full), spread for CPU workers
+    # (data parallelism across nodes: every node's cores and memory bandwidth add up)
+    placement: Literal["auto", "pack", "spread", "strict_pack", "strict_spread"] = "auto"
+
+    @property
+    def placement_strategy(self) -> str:
+        """Ray's name of the placement (ScalingConfig.placement_strategy)."""
+        if self.placement == "auto":
+            return "PACK" if self.use_gpu else "SPREAD"
+        return self.placement.upper()
 
 
 class CheckpointConfig(Strict):
@@ -322,6 +333,10 @@ class RunConfig(Strict):
     name: str = "run"  # the run's folder under `storage`: a plain name, never a path
     storage: str = "runs/train"  # checkpoints, metrics, W&B files, export: {storage}/{name}
     max_failures: int = Field(1, ge=0)
+    # after a failure, the workers must be running again within startup_timeout_s (e.g. a dead node's
+    # replacement joined); a start that times out is retried startup_retries times, then the run fails
+    startup_timeout_s: float = Field(120.0, gt=0)
+    startup_retries: int = Field(1, ge=0)
     log_every: int = Field(50, gt=0)
     fail_at_step: int | None = None  # fault injection (tests): one worker raises once at this step
 

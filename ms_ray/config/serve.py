@@ -59,6 +59,10 @@ class ModelReplicaConfig(Strict):
     graceful_shutdown_timeout_s: float = Field(10, ge=0)
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
+    # at most this many replicas on one node (null: no limit). 1 spreads the sessions over the
+    # machines, so a node's death loses only the sessions of its replica
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    resources: dict[str, float] = {}  # custom Ray resources each replica needs (pins it to nodes that have them)
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -127,6 +131,9 @@ def default_actors() -> list[ActorConfig]:
 class IngressConfig(Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0, ge=0)
+    # custom Ray resources each replica needs, e.g. one only the head node has: the connections an
+    # ingress replica holds end with its node, so it belongs on the node clients reach (its proxy)
+    resources: dict[str, float] = {}
     max_connections: int = Field(1024, gt=0)  # per ingress replica: every open WebSocket/SSE stream counts
     max_queued_connections: int = Field(1024, gt=0)  # waiting for an ingress replica; beyond: HTTP 503
     max_frame_bytes: int = Field(65536, gt=0)  # client frames and HTTP bodies

@@ -191,13 +191,15 @@ def build(args: dict):
         max_ongoing_requests=m.max_ongoing_requests or 4 * m.max_sessions_per_replica + 16,
         max_queued_requests=m.max_queued_requests,
         graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, "resources": m.resources},
+        max_replicas_per_node=m.max_replicas_per_node,
         request_router_config=RequestRouterConfig(request_router_class="ms_ray.serving.routing:SessionRouter"),
         logging_config=logs,
     )
     config = cfg.model_dump(by_alias=True)
     server_app = server.bind(config, actors)
-    ingress = Ingress.options(num_replicas=cfg.ingress.replicas, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+    ingress = Ingress.options(num_replicas=cfg.ingress.replicas,
+                              ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "resources": cfg.ingress.resources},
                               max_ongoing_requests=cfg.ingress.max_connections,  # Serve's default is 5
                               max_queued_requests=cfg.ingress.max_queued_connections, logging_config=logs)
     return ingress.bind(config, server_app)

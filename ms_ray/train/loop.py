@@ -138,6 +138,11 @@ class TrainRecipe:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
         with dropping_prints(NOISY_PRINTS):
             deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        where = [None] * self.world  # which node each rank runs on: scaling.placement made visible
+        torch.distributed.all_gather_object(where, ray.util.get_node_ip_address())
+        if self.rank == 0:
+            print(f"{self.world} workers on {len(set(where))} node(s): "
+                  + ", ".join(f"rank {r} on {ip}" for r, ip in enumerate(where)), flush=True)
         manifest = load_manifest(self.data_dir)
         self.schema = cfg.schema_.build()  # bound to the tokenizer once the model is built
         self.tokenizer = load_tokenizer(self.data_dir / manifest["tokenizer"]["path"], self.schema)

@@ -1,18 +1,27 @@
-"""Local runs keep torch.distributed on loopback too.
+"""How each training worker joins torch.distributed's process group, before our code runs.
 
-Rank 0 of a process group hosts a TCPStore, and torch binds that server to every interface
-('::') whatever address the ranks are told to use. On a local run (one node, 127.0.0.1) the
-store is instead handed a socket already bound to that address (TCPStore's
-`master_listen_fd`), so training opens no port beyond loopback. Ray Train sets the group up
-before our worker function runs, hence a backend that patches each worker first.
+Ray Train sets the group up before the worker function starts, hence backends that prepare each
+worker first (`on_start`):
+
+- Local runs keep it on loopback. Rank 0 of a process group hosts a TCPStore, and torch binds
+  that server to every interface ('::') whatever address the ranks are told to use. On a local
+  run (one node, 127.0.0.1) the store is instead handed a socket already bound to that address
+  (TCPStore's `master_listen_fd`), so training opens no port beyond loopback.
+- Cluster runs choose gloo's network interface. Unset, gloo advertises the address the host name
+  resolves to, and where that is 127.0.0.1 (common) the ranks of other nodes cannot connect:
+  set-up fails. Each worker sets GLOO_SOCKET_IFNAME to the interface that holds its Ray node's
+  address, unless the cluster set it; a name set but missing on the node fails with that said.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
+
+from ..ray_env import collective_interface
 
 _LISTENERS = []  # the bound sockets live as long as the worker's store
 
@@ -39,9 +48,25 @@ def bind_store_to_its_address() -> None:
     rendezvous._create_c10d_store = create_bound
 
 
+def use_node_interface() -> None:
+    """Runs in each worker of a cluster run: gloo uses the interface of the Ray node's address."""
+    import ray
+
+    name, why = collective_interface(ray.util.get_node_ip_address())
+    if name is None:
+        raise RuntimeError(f"collective interface: {why}")
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
 class _LoopbackTorchBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config):
         worker_group.execute(bind_store_to_its_address)
+        super().on_start(worker_group, backend_config)
+
+
+class _ClusterTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config):
+        worker_group.execute(use_node_interface)
         super().on_start(worker_group, backend_config)
 
 
@@ -52,3 +77,12 @@ class LoopbackTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _LoopbackTorchBackend
+
+
+@dataclass
+class ClusterTorchConfig(TorchConfig):
+    """TorchConfig for runs on a cluster: gloo on the interface of each node's Ray address."""
+
+    @property
+    def backend_cls(self):
+        return _ClusterTorchBackend

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from ..config import ConfigError, PrepareConfig, load_config
 from ..core.families import build_model
@@ -24,11 +24,11 @@ from ..core.loading import load_tokenizer
 from ..data.pipeline import pack_dataset, prepare
 from ..evaluation.report import skill_table
 from ..manifest import MANIFEST, load_manifest
-from ..ray_env import init_ray
+from ..ray_env import NodesLost, init_ray
 from ..tracking import DIVERGED, read_divergence
 from .checkpoint import export_checkpoint
 from .loop import train_worker
-from .loopback import LoopbackTorchConfig
+from .process_group import ClusterTorchConfig, LoopbackTorchConfig
 
 
 def run_dir_of(cfg) -> Path:
@@ -126,13 +126,33 @@ def train(cfg) -> dict:
     # while every worker holds its CPU (otherwise the read waits forever on a 2-core machine).
     workers_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, workers_cpus + 1))
+    # Ray Train reads it in its controller, to which the driver's value is handed on
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.run.startup_timeout_s)
+    nodes_at_start = alive_nodes()
     manifest = manifest or prepare_data(cfg)
     run_dir = run_dir_of(cfg)
-    result = fit(trainer_of(cfg, datasets_of(cfg, manifest), run_dir), run_dir)
+    try:
+        result = fit(trainer_of(cfg, datasets_of(cfg, manifest), run_dir), run_dir)
+    except ray.train.TrainingFailedError as e:
+        lost = [f"{ip} (node {node_id[:12]})" for node_id, ip in nodes_at_start.items() if node_id not in alive_nodes()]
+        if not lost:
+            raise
+        resume = latest_checkpoint(cfg)
+        raise NodesLost(
+            f"training stopped: node(s) {', '.join(lost)} died during the run and did not come back; the "
+            f"workers could not start again within run.startup_timeout_s={cfg.run.startup_timeout_s:g} s "
+            f"({cfg.run.startup_retries + 1} tries). Bring the node(s) back or add others, then re-run the same "
+            f"command: it resumes from " + (f"the checkpoint of step {resume[1]} ({resume[0]})" if resume else
+                                            "the start (no checkpoint was kept yet)")) from e
     metrics = dict(result.metrics or {})
     metrics["wall_s"] = time.perf_counter() - started
     print_summary(cfg, metrics, run_dir)
     return metrics
+
+
+def alive_nodes() -> dict[str, str]:
+    """{node id: address} of the nodes the cluster lists alive."""
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
 
 def datasets_of(cfg, manifest: dict) -> dict:
@@ -159,12 +179,17 @@ def trainer_of(cfg, datasets: dict, run_dir: Path) -> TorchTrainer:
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        torch_config=(TorchConfig if remote else LoopbackTorchConfig)(backend="nccl" if scaling.use_gpu else "gloo"),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
+        torch_config=(ClusterTorchConfig if remote else LoopbackTorchConfig)(
+            backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # a worker group that cannot start (a dead node) is a "controller failure" to Ray Train,
+            # retried without end by default: bounded here (run.startup_timeout_s, startup_retries)
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         controller_failure_limit=cfg.run.startup_retries),
             # Ray Train's INFO lines (worker group, process group, every checkpoint) stay in its log files
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
