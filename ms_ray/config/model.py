@@ -61,6 +61,10 @@ class ModelConfig(Strict):
     intermediate_size: int | None = None
     tie_embeddings: bool = True
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    # a cell sees at most this many earlier rows (null: its whole document). Training and decoding
+    # share it (it is saved with the model); a served session then needs a constant memory and may
+    # run for hours
+    window_rows: int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30 % more compute
     lora: LoraConfig | None = None  # null: every weight trains
     seed: int = 0

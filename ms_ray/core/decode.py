@@ -9,6 +9,9 @@ module keeps the slots, the sampling and the stop rules. Sessions have different
 owns a slot of the cache [slots, kv_heads, cells, head_dim] and its length; the mask hides what
 lies beyond. Sessions join (with a one-pass prefill) and leave between steps; leaving moves the
 last slot into the hole, so slots 0..n-1 stay dense.
+With a windowed model (model.window = W rows) a session holds at most W + W/8 rows, whatever its
+age: when its slot is full, the last W rows move to the front (their keys re-anchored by
+MultiStreamLM.shift_positions, so positions stay small) and `base` counts the rows dropped.
 Host and device meet once per step (the new rows, for the stop rules), never per token.
 """
 
@@ -58,12 +61,13 @@ class DecodedRow:
 class _Session:
     id: str
     slot: int
-    rows: int  # rows in the cache
+    rows: int  # rows decoded so far (prefill included)
     queues: list[deque]  # per stream: pushed tokens, one consumed per row
     sampling: list[Sampling]  # per stream
     stop: StopRules
     end_ids: dict[int, int]  # stream index -> end token id still awaited
     new_rows: int = 0
+    base: int = 0  # rows dropped from the front of its slot (windowed models): slot row i is row base + i
     silent_run: int = 0
     has_logits: bool = False  # False until a row was forwarded: nothing to sample from yet
     ended: set[int] = field(default_factory=set)  # output streams that emitted their end token
@@ -79,8 +83,9 @@ class SlotCache:
       3. `update(keys, values, layer)`, by every layer: writes the new cells, returns the view.
     Capacity grows (doubling) as `select` and `place` ask; buffers are reallocated at `update`."""
 
-    def __init__(self, slots: int, cells: int):
-        self.slots, self.cells = slots, cells
+    def __init__(self, slots: int, cells: int, max_cells: int | None = None):
+        self.slots, self.cells = slots, cells if max_cells is None else min(cells, max_cells)
+        self.max_cells = max_cells  # a windowed model's slot never holds more
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.view = slice(0, 0)
@@ -100,7 +105,8 @@ class SlotCache:
         self.write_slots = torch.arange(self.view.start, self.view.stop, device=cells.device)[:, None].expand(n, Q)
         self.write_pos, self.kv_len = cells, kv_len
         if kv_len > self.cells:
-            self.cells = max(kv_len, 2 * self.cells)
+            grown = max(kv_len, 2 * self.cells)
+            self.cells = grown if self.max_cells is None else max(kv_len, min(grown, self.max_cells))
 
     def _buffer(self, store: dict, layer: int, like: torch.Tensor) -> torch.Tensor:
         buf = store.get(layer)
@@ -125,6 +131,14 @@ class SlotCache:
         for store in (self.keys, self.values):
             for buf in store.values():
                 buf[dst, :, :cells] = buf[src, :, :cells]
+
+    def drop_front(self, slot: int, drop: int, keep: int, shift_keys) -> None:
+        """Slot `slot` keeps its cells [drop, drop + keep) at [0, keep); keys go through
+        `shift_keys` (re-anchored to their new positions)."""
+        for buf in self.keys.values():
+            buf[slot, :, :keep] = shift_keys(buf[slot, :, drop : drop + keep].clone())
+        for buf in self.values.values():
+            buf[slot, :, :keep] = buf[slot, :, drop : drop + keep].clone()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
@@ -187,7 +201,13 @@ class RowDecoder:
         self.end_by_stream = {self.schema.index(name): token for name, token in ends.items()}  # stream -> its end token
         self.max_sessions = max_sessions
         self.device = model.device
-        self.cache = SlotCache(slots=4, cells=initial_rows * self.C)
+        self.window = model.window
+        # a windowed session's slot: its last `window` rows plus room for `slack_rows` more, filled
+        # before the front is dropped (dropping moves window rows: every slack_rows steps, not each)
+        self.slack_rows = None if self.window is None else max(1, self.window // 8)
+        self.slot_rows = None if self.window is None else self.window + self.slack_rows
+        self.cache = SlotCache(slots=4, cells=initial_rows * self.C,
+                               max_cells=None if self.slot_rows is None else self.slot_rows * self.C)
         self.sessions: dict[str, _Session] = {}
         self.by_slot: list[_Session] = []
         self.next_logits: torch.Tensor | None = None  # [slots, C, V], the last row's logits
@@ -215,10 +235,13 @@ class RowDecoder:
         self.by_slot.append(session)
         self._settings = None
         if rows is not None and len(rows):
+            chunk = len(rows) if self.window is None else self.slack_rows
             with torch.no_grad():
-                logits = self._forward([session], rows[None], last_row_only=True)  # [1, C, V]
+                for first in range(0, len(rows), chunk):
+                    part = rows[first : first + chunk]
+                    logits = self._forward([session], part[None], last_row_only=True)  # [1, C, V]
+                    session.rows += len(part)
             self._store_logits([session], logits)
-            session.rows = len(rows)
         return sid
 
     def push(self, session_id, stream: str, token_ids) -> None:
@@ -241,7 +264,7 @@ class RowDecoder:
         del self.sessions[session.id]
         last = self.by_slot.pop()
         if last is not session:  # fill the hole with the last slot so slots stay dense
-            self.cache.move(last.slot, session.slot, last.rows * self.C)
+            self.cache.move(last.slot, session.slot, (last.rows - last.base) * self.C)
             if self.next_logits is not None:
                 self.next_logits[session.slot] = self.next_logits[last.slot]
             last.slot = session.slot
@@ -310,10 +333,24 @@ class RowDecoder:
         return forced, use
 
     def _forward(self, sessions, rows: torch.Tensor, last_row_only: bool = False) -> torch.Tensor:
-        """rows [n, Q_rows, C] for sessions in consecutive slots -> logits [n, C, V] of each last row."""
+        """rows [n, Q_rows, C] for sessions in consecutive slots -> logits [n, C, V] of each last row.
+        Positions and cells count from each slot's front (row base): the model sees no age."""
+        for session in sessions:
+            self._make_room(session, rows.shape[1])
         self.cache.select(sessions[0].slot, len(sessions))
-        logits = self.model.forward_rows(rows, [s.rows for s in sessions], self.cache, last_row_only)
+        logits = self.model.forward_rows(rows, [s.rows - s.base for s in sessions], self.cache, last_row_only)
         return logits[:, -1]  # [n, C, V]
+
+    def _make_room(self, session: _Session, new_rows: int) -> None:
+        """A windowed session whose slot cannot take `new_rows` more keeps only its last `window`
+        rows, at the slot's front, re-anchored (the rows before them are out of every new row's sight)."""
+        held = session.rows - session.base
+        if self.window is None or held + new_rows <= self.slot_rows:
+            return
+        drop = held - self.window
+        self.cache.drop_front(session.slot, drop * self.C, self.window * self.C,
+                              lambda keys: self.model.shift_positions(keys, drop))
+        session.base += drop
 
     def _store_logits(self, sessions, logits):
         first, n = sessions[0].slot, len(sessions)

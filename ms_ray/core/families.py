@@ -56,14 +56,14 @@ def build_model(cfg, schema, tokenizer):
     tiny random model of the given family; with `cfg.lora` set, LoRA adapters over its base
     (core/lora.py). Returns (model, tokenizer)."""
     if cfg.pretrained:
-        model, tokenizer = MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention)
+        model, tokenizer = MultiStreamLM.from_base(cfg.pretrained, schema, tokenizer, cfg.attention, cfg.window_rows)
     else:
         schema.add_special_tokens(tokenizer)
         base = tiny_base_model(
             cfg.family, len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
             cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
         )
-        model = MultiStreamLM(base, schema.bind(tokenizer), cfg.attention)
+        model = MultiStreamLM(base, schema.bind(tokenizer), cfg.attention, cfg.window_rows)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
     return model, tokenizer

@@ -3,6 +3,8 @@
 Shapes: B batch, R rows (time steps), C streams, S = R*C flattened cells (row-major:
 r0s0, r0s1, ..., r1s0, ...), H hidden size, V vocabulary. The rule, exactly:
   - cell i attends cell j iff same packed document and (row(j) < row(i) or j == i);
+    with a window of W rows (`window`), only rows row(i) - W ... row(i) - 1 of the earlier ones:
+    a session's state is then its last W rows, whatever its age (decode.SlotCache keeps no more);
   - RoPE position = row index, restarting at every packed document;
   - a learned per-stream embedding (zero-initialised) is added to the token embedding;
   - the logit at cell (r, s) predicts the token at (r+1, s), weighted per stream.
@@ -60,25 +62,29 @@ def row_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return rows - first_row
 
 
-def allowed(q_idx, k_idx, q_doc, k_doc, num_streams: int) -> torch.Tensor:
+def allowed(q_idx, k_idx, q_doc, k_doc, num_streams: int, window: int | None = None) -> torch.Tensor:
     """The visibility rule on flat cell indices (any broadcastable shapes): same document and
-    (earlier row or the cell itself). Tokens of one row never see each other."""
-    earlier_row = (k_idx // num_streams) < (q_idx // num_streams)
+    (earlier row, at most `window` rows back when set, or the cell itself). Tokens of one row
+    never see each other."""
+    q_row, k_row = q_idx // num_streams, k_idx // num_streams
+    earlier_row = k_row < q_row
+    if window is not None:
+        earlier_row = earlier_row & (q_row - k_row <= window)
     return (q_doc == k_doc) & (earlier_row | (k_idx == q_idx))
 
 
-def dense_visibility(doc_ids: torch.Tensor, num_streams: int) -> torch.Tensor:
+def dense_visibility(doc_ids: torch.Tensor, num_streams: int, window: int | None = None) -> torch.Tensor:
     """The rule over all cell pairs of whole tables: [B, S, S] bool (True = attend), vectorised."""
     B, R = doc_ids.shape
     S = R * num_streams
     idx = torch.arange(S, device=doc_ids.device)
     cell_doc = doc_ids.repeat_interleave(num_streams, dim=1)  # [B, S]
-    return allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams)
+    return allowed(idx[:, None], idx[None, :], cell_doc[:, :, None], cell_doc[:, None, :], num_streams, window)
 
 
-def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype) -> torch.Tensor:
+def dense_mask(doc_ids: torch.Tensor, num_streams: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """Additive float mask [B, 1, S, S] (0 = attend, dtype-min = blocked), built vectorised."""
-    return additive(dense_visibility(doc_ids, num_streams), dtype)
+    return additive(dense_visibility(doc_ids, num_streams, window), dtype)
 
 
 def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,14 +93,15 @@ def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(ok[:, None], torch.zeros((), dtype=dtype, device=ok.device), blocked)
 
 
-def flex_mask(doc_ids: torch.Tensor, num_streams: int):
-    """FlexAttention BlockMask for the same rule: O(S^2 / block^2) memory instead of O(S^2)."""
+def flex_mask(doc_ids: torch.Tensor, num_streams: int, window: int | None = None):
+    """FlexAttention BlockMask for the same rule: O(S^2 / block^2) memory instead of O(S^2)
+    (with a window, blocks beyond it are skipped: O(S * W) work)."""
     B, R = doc_ids.shape
     S = R * num_streams
     cell_doc = doc_ids.repeat_interleave(num_streams, dim=1).contiguous()  # [B, S]
 
     def mask_mod(b, h, q, k):
-        return allowed(q, k, cell_doc[b, q], cell_doc[b, k], num_streams)
+        return allowed(q, k, cell_doc[b, q], cell_doc[b, k], num_streams, window)
 
     compile_it = doc_ids.device.type == "cuda"
     return create_block_mask(mask_mod, B, None, S, S, device=doc_ids.device, _compile=compile_it)
@@ -119,13 +126,17 @@ class MultiStreamOutput:
 class MultiStreamLM(nn.Module):
     """Wraps a HF causal LM (`base`) so that it reads and writes tables of streams."""
 
-    def __init__(self, base: PreTrainedModel, schema: StreamSchema, attention: str = "auto"):
+    def __init__(self, base: PreTrainedModel, schema: StreamSchema, attention: str = "auto",
+                 window: int | None = None):
         super().__init__()
         if attention not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {attention!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive number of rows or None, got {window!r}")
         self.base = base
         self.schema = schema
         self.attention = attention
+        self.window = window  # rows a cell sees back (None: its whole document); saved with the model
         base.config._attn_implementation = ATTN_IMPL
         hidden = base.get_input_embeddings().embedding_dim
         self.stream_embed = nn.Embedding(schema.num_streams, hidden)
@@ -187,7 +198,8 @@ class MultiStreamLM(nn.Module):
         elif doc_ids.shape != (B, R):
             raise TableError(f"doc_ids: expected shape {(B, R)}, got {tuple(doc_ids.shape)}")
 
-        visible = flex_mask(doc_ids, C) if self.use_flex(tokens.device) else dense_visibility(doc_ids, C)
+        visible = (flex_mask(doc_ids, C, self.window) if self.use_flex(tokens.device)
+                   else dense_visibility(doc_ids, C, self.window))
         logits = self._cells_forward(tokens, row_positions(doc_ids), visible)  # [B, R, C, V]
 
         if labels is None and not loss:
@@ -214,9 +226,28 @@ class MultiStreamLM(nn.Module):
         past = torch.tensor(past_rows, device=dev)[:, None]  # [n, 1]
         cells = past * C + torch.arange(Q, device=dev)  # [n, Q] flat cell index of each new cell
         row_pos = past + torch.arange(q_rows, device=dev)  # [n, Q_rows] RoPE position = row index
-        visible = allowed(cells[:, :, None], torch.arange(kv_len, device=dev), 0, 0, C)  # [n, Q, kv_len]
+        visible = allowed(cells[:, :, None], torch.arange(kv_len, device=dev), 0, 0, C, self.window)  # [n, Q, kv_len]
         cache.place(cells, kv_len)
         return self._cells_forward(rows, row_pos, visible, cache, keep_rows=1 if last_row_only else 0)
+
+    def shift_positions(self, keys: torch.Tensor, rows: int) -> torch.Tensor:
+        """Cached keys [..., D], rotated by RoPE at row position p -> the same keys at p - rows.
+        RoPE is a rotation, R(p) R(-rows) = R(p - rows), and attention depends on position
+        differences only: a cache whose keys and queries all move back by `rows` computes the same
+        scores up to rounding. The decoder re-anchors a windowed session this way, so positions
+        stay below the window's size at any age (float32 angles at row 10^6 would be off by ~0.1 rad)."""
+        inv_freq = next((m.inv_freq for m in self.base.modules() if isinstance(getattr(m, "inv_freq", None),
+                                                                                torch.Tensor)), None)
+        if inv_freq is None or 2 * inv_freq.numel() != keys.shape[-1]:
+            found = None if inv_freq is None else inv_freq.numel()
+            raise NotImplementedError(f"shift_positions needs full-width RoPE (inv_freq of {keys.shape[-1] // 2}); "
+                                      f"{type(self.base).__name__} has {found}")
+        angle = -rows * inv_freq.double()  # [D/2]
+        angle = torch.cat([angle, angle])  # [D], HF's layout: (x1, x2) halves share a frequency
+        cos, sin = angle.cos().to(keys.dtype), angle.sin().to(keys.dtype)
+        half = keys.shape[-1] // 2
+        rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+        return keys * cos + rotated_half * sin
 
     def weighted_loss(self, logits, labels, normaliser=None) -> MultiStreamOutput:
         """Next-row CE per cell, weighted per stream, divided by the supervised-cell count."""
@@ -249,7 +280,7 @@ class MultiStreamLM(nn.Module):
         self.base.save_pretrained(folder)
         save_file({"weight": self.stream_embed.weight.detach().cpu().contiguous()}, folder / STREAM_EMBED_FILE)
         self.schema.save(folder)
-        (folder / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}) + "\n")
+        (folder / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "window": self.window}) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         return folder
@@ -263,8 +294,9 @@ class MultiStreamLM(nn.Module):
                 "to convert a plain HF model use MultiStreamLM.from_base"
             )
         schema = StreamSchema.load(folder)
+        window = json.loads((folder / FORMAT_FILE).read_text()).get("window")
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", attn_implementation="sdpa")
-        model = cls(base, schema, attention)
+        model = cls(base, schema, attention, window)
         weight = load_file(str(folder / STREAM_EMBED_FILE))["weight"]
         if weight.shape != model.stream_embed.weight.shape:
             raise TableError(
@@ -276,7 +308,7 @@ class MultiStreamLM(nn.Module):
         return model.to(device) if device is not None else model
 
     @classmethod
-    def from_base(cls, base, schema: StreamSchema, tokenizer=None, attention: str = "auto"):
+    def from_base(cls, base, schema: StreamSchema, tokenizer=None, attention: str = "auto", window: int | None = None):
         """Turn a single-stream HF model (a folder, or a loaded model plus its tokenizer) into a
         multi-stream one: add the schema's special tokens, resize the embeddings (new rows at
         the mean of the old ones), bind the schema. Returns (model, tokenizer)."""
@@ -290,5 +322,5 @@ class MultiStreamLM(nn.Module):
         schema.add_special_tokens(tokenizer)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
             base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        return cls(base, schema.bind(tokenizer), attention), tokenizer
+        return cls(base, schema.bind(tokenizer), attention, window), tokenizer
 

@@ -32,6 +32,52 @@ def test_cached_decoding_reproduces_teacher_forced_logits(family, bound):
             torch.testing.assert_close(row.logits, reference[r], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("window", [3, 16])
+def test_windowed_decoding_reproduces_the_windowed_forward_in_constant_memory(family, window, bound):
+    """A windowed session drops the front of its slot every window // 8 rows (at least 1),
+    re-anchoring the kept keys; its logits still equal the windowed teacher-forced forward, from
+    a prefill longer than the slot too, and the slot never holds more than window + window // 8 rows."""
+    model = make_model(bound, V, family)
+    model.window = window
+    R = 3 * window + 7
+    table = torch.randint(3, V, (R, 3), generator=torch.Generator().manual_seed(0))
+    reference = model(table[None]).logits[0]  # [R, C, V], the windowed rule
+    slot_rows = window + max(1, window // 8)
+    for prefill in (0, 2, window + 5):
+        decoder = RowDecoder(model, initial_rows=2)
+        sid = teacher_forced(decoder, table, prefill)
+        positions = []
+        for r in range(prefill, R):
+            (row,) = decoder.step(return_logits=True)
+            session = decoder.sessions[sid]
+            positions.append(session.rows - 1 - session.base)  # the new row's RoPE position
+            assert row.row == r and row.tokens == table[r].tolist()
+            torch.testing.assert_close(row.logits, reference[r], atol=1e-4, rtol=0)
+        assert max(positions) < slot_rows and decoder.cache.cells <= slot_rows * 3
+        assert decoder.sessions[sid].base > 0
+
+
+def test_re_anchoring_at_row_a_million_changes_nothing_beyond_rounding(bound):
+    """A key rotated by RoPE at row 10^6 + j, moved back 10^6 rows, is the key at row j: what the
+    decoder does to every kept key of a windowed session, so positions never grow with its age."""
+    model = make_model(bound, V, "llama")
+    inv_freq = next(m.inv_freq for m in model.base.modules() if hasattr(m, "inv_freq")).double()
+    D = 2 * inv_freq.numel()
+    keys = torch.randn(2, 5, D, dtype=torch.float64)
+
+    def at(rows, k):  # HF's RoPE, computed exactly (float64 angles)
+        angle = torch.cat([rows[:, None] * inv_freq, rows[:, None] * inv_freq], -1)  # [5, D]
+        return k * angle.cos() + torch.cat([-k[..., D // 2:], k[..., : D // 2]], -1) * angle.sin()
+
+    j = torch.arange(5, dtype=torch.float64)
+    old = at(j + 10**6, keys)
+    torch.testing.assert_close(model.shift_positions(old, 10**6), at(j, keys), atol=1e-9, rtol=0)
+    # float32 keys (the cache's dtype): the error stays at float32 rounding, as for any key
+    moved = model.shift_positions(old.float(), 10**6).double()
+    assert (moved - at(j, keys)).abs().max() < 1e-5
+
+
 def test_sessions_together_equal_each_alone(bound):
     """Greedy sessions of different lengths joining and leaving at different steps: the batched
     decoder gives every session exactly the rows and logits it gets when decoded alone."""

@@ -24,29 +24,32 @@ def random_docs(B, R, gen):
     return docs
 
 
-def test_mask_equals_brute_force_rule():
+@pytest.mark.parametrize("window", [None, 1, 2])
+def test_mask_equals_brute_force_rule(window):
     gen = torch.Generator().manual_seed(0)
     for C in (1, 2, 3, 5):
         docs = random_docs(3, 7, gen)
-        mask = dense_mask(docs, C, torch.float32)
+        mask = dense_mask(docs, C, torch.float32, window)
         S = 7 * C
         for b in range(3):
             for i in range(S):
                 for j in range(S):
-                    ok = docs[b, i // C] == docs[b, j // C] and (j // C < i // C or i == j)
+                    near = window is None or i // C - j // C <= window
+                    ok = docs[b, i // C] == docs[b, j // C] and ((j // C < i // C and near) or i == j)
                     assert (mask[b, 0, i, j] == 0) == bool(ok), (C, b, i, j)
         assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
 
 
-def test_flex_block_mask_matches_rule():
+@pytest.mark.parametrize("window", [None, 2])
+def test_flex_block_mask_matches_rule(window):
     gen = torch.Generator().manual_seed(1)
     docs, C = random_docs(2, 9, gen), 3
-    block = flex_mask(docs, C)
+    block = flex_mask(docs, C, window)
     S = 9 * C
     q, k = torch.arange(S)[:, None], torch.arange(S)[None, :]
     for b in range(2):
         via_mod = block.mask_mod(torch.tensor(b), torch.tensor(0), q, k)
-        assert torch.equal(via_mod, dense_mask(docs[b : b + 1], C, torch.float32)[0, 0] == 0)
+        assert torch.equal(via_mod, dense_mask(docs[b : b + 1], C, torch.float32, window)[0, 0] == 0)
 
 
 def test_row_positions_restart_per_document():
@@ -191,6 +194,12 @@ def test_save_and_load_round_trip(tmp_path, model, tokenizer):
     assert torch.equal(plain.get_input_embeddings().weight, model.base.get_input_embeddings().weight)
     with pytest.raises(FileNotFoundError, match="not a multi-stream checkpoint"):
         MultiStreamLM.from_pretrained(tmp_path / "nowhere")
+    assert loaded.window is None
+    model.window = 2  # the window travels with the model: decoding uses what training used
+    model.save_pretrained(tmp_path / "windowed", tokenizer)
+    windowed = MultiStreamLM.from_pretrained(tmp_path / "windowed")
+    assert windowed.window == 2 and torch.equal(windowed(tokens).logits, model(tokens).logits)
+    assert not torch.equal(windowed(tokens).logits, loaded(tokens).logits)  # 5 rows: the window hides some
 
 
 def test_from_base_adds_silence_and_keeps_the_model(tmp_path, tokenizer):
