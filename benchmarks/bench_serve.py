@@ -1,7 +1,7 @@
 """Serving benchmark: N concurrent WebSocket sessions against ONE session-server replica.
 
 Run:  .venv/bin/python benchmarks/bench_serve.py           (~6 min)
-      .venv/bin/python benchmarks/bench_serve.py --quick   (smoke run: 1 and 16 sessions, ~1.5 min)
+      .venv/bin/python benchmarks/bench_serve.py --quick   (smoke run: 1 and 16 sessions, v2 unpaced, v1 paced, ~1 min)
 
 Everything on this machine: a local Ray on 127.0.0.1, Ray Serve (proxy -> FastAPI ingress ->
 SessionServer with one replica, 1 CPU), the client (one asyncio process, N WebSockets) beside it.
@@ -253,7 +253,9 @@ def main() -> None:
             url = f"ws://127.0.0.1:{port}/bench{label}"
             what = "as fast as the model goes (row_interval_s = 0)" if interval == 0 else \
                 f"real-time row clock (row_interval_s = {interval}, {1 / interval:.0f} rows/s per session)"
-            for version in versions:
+            # --quick is a smoke run (tests/test_benchmarks.py checks the tables, not the numbers):
+            # each protocol version once, the newest unpaced (and profiled), the oldest paced
+            for version in [max(versions) if interval == 0 else min(versions)] if args.quick else versions:
                 asyncio.run(measure(url, 1, 0.5, 1.0, version))  # warm the whole path once
                 results = [asyncio.run(measure(url, n, 1.0, seconds, version)) for n in counts]
                 print(f"## ({label}) One replica, {what}, protocol v{version}, {seconds:g} s per point\n")
@@ -263,7 +265,8 @@ def main() -> None:
                 print(flush=True)
                 if interval == 0:
                     profiles[f"v{version}"] = profile(url, cfg.name, 16, seconds, version)
-            serve.delete(cfg.name)
+            if not args.quick:  # --quick: serve.shutdown() below removes both apps (a delete alone waits ~10 s)
+                serve.delete(cfg.name)
         serve.shutdown()
         print("## (p) Where the CPU goes: 16 unpaced sessions, CPU seconds per 1,000 rows delivered\n")
         print(profile_table(profiles))
@@ -301,7 +304,8 @@ def decoder_alone(checkpoint: Path, counts, contexts) -> str:
             ms = 1000 * (time.perf_counter() - t0) / steps
             rows_per_s = n * 1000 / ms
             single = single or rows_per_s
-            lines.append(f"| {context}-{context + steps} | {n} | {rows_per_s:.0f} | {rows_per_s / single:.1f}x | {ms:.1f} |")
+            lines.append(f"| {context}-{context + steps} | {n} | {rows_per_s:.0f} | {rows_per_s / single:.1f}x "
+                         f"| {ms:.1f} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

@@ -49,10 +49,17 @@ def wait_for(predicate, proc, seconds: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(ray_local, tmp_path_factory):
+    """The data set the commands below train on and fail to replace: made on the session's
+    in-process test Ray (already up in a full run), not by a command of its own with a Ray to
+    start (~15 s); the commands under test run in their own processes."""
+    from ms_ray.config import PrepareConfig, load_config
+    from ms_ray.data.pipeline import prepare  # after ray_local: Ray Data reads its environment at import
+
     out = tmp_path_factory.mktemp("interrupt") / "data"
-    proc = start(["prepare", "jobs/data-skills.yaml", f"output={out}", "sources=[{kind: skills, examples: 300}]"])
-    assert proc.wait(300) == 0, proc.communicate()[0][-3000:]
+    prepare(load_config(PrepareConfig, ROOT / "jobs/data-skills.yaml",
+                        [f"output={out}", "sources=[{kind: skills, examples: 300}]"]),
+            log=lambda _: None, progress=lambda _: None)
     return out
 
 

@@ -268,7 +268,7 @@ def run_prepare(out: Path, seed: int) -> subprocess.Popen:
 def kill_at(proc: subprocess.Popen, delay: float, sig=signal.SIGKILL, when=None) -> None:
     """Send `sig` to `proc` after `delay` s or as soon as `when()` holds (if still running;
     SIGINT is Ctrl-C, given a minute to clean up), then end by pid whatever it started that
-    outlived it (a local Ray dies with its driver; this only makes sure)."""
+    outlived it (a local Ray's raylet and GCS die with their driver, its agents later)."""
     family: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + delay
     while proc.poll() is None and time.monotonic() < deadline and not (when and when()):
@@ -284,7 +284,9 @@ def kill_at(proc: subprocess.Popen, delay: float, sig=signal.SIGKILL, when=None)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()  # reaped: its pid is dead to the next run's recovery
-    _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+    # a second for what dies with its driver (raylet, gcs_server); Ray's dashboard and runtime-env
+    # agents outlive a SIGKILLed driver by tens of seconds, so waiting 10 s for them cost ~40 s a test
+    _, alive = psutil.wait_procs(list(family.values()), timeout=1)
     for p in alive:
         p.kill()
     psutil.wait_procs(alive, timeout=10)
