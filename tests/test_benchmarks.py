@@ -31,6 +31,15 @@ def test_serve_benchmark_quick_run():
 
 
 @pytest.mark.slow
+def test_window_benchmark_quick_run():
+    run = subprocess.run([sys.executable, "benchmarks/bench_window.py", "--rows", "1500"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "## One session, 1,500 rows: window 256 rows" in run.stdout
+    assert "| 1,000 |" in run.stdout and "(flat: met)" in run.stdout  # the slot never grows: not a timing
+
+
+@pytest.mark.slow
 def test_chat_decode_benchmark_tiny_run():
     run = subprocess.run([sys.executable, "benchmarks/bench_chat_decode.py", "--tiny", "--rows", "16"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

@@ -297,6 +297,9 @@ class SkillEvalConfig(Strict):
     seed: int = 987_654  # generation seed, distinct from the training data's
     batch_sessions: int = Field(1, gt=0)  # 1: each session decoded alone, so ms are one session's latency
     slack_rows: int = Field(8, ge=0)  # rows allowed beyond the reference length
+    # every session begins at this row of a live session without input before (e.g. 50000: a
+    # question an hour into a session; a windowed model's memory stays constant, an unwindowed one's grows)
+    offset_rows: int = Field(0, ge=0)
     tool: Literal["live", "scripted"] = "live"  # live: the real tool answers the model's own call; scripted:
     # the reference's result at the reference's rows
     # sessions: examples_per_task sessions per task and condition (row 0, after silence, later,

@@ -48,7 +48,10 @@ class ModelReplicaConfig(Strict):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_sessions_per_replica: float = Field(8, gt=0)  # autoscaling target (live session streams)
-    max_sessions_per_replica: int = Field(16, gt=0)  # beyond: "busy"
+    max_sessions_per_replica: int | None = Field(16, gt=0)  # beyond: "busy"; null: as many as kv_cache_gb holds
+    # the KV-cache memory of a replica when max_sessions_per_replica is null: sessions x their most rows
+    # (window + window/8 for a windowed model, else session.max_rows) x the cache's bytes per row
+    kv_cache_gb: float = Field(1.0, gt=0)
     max_ongoing_requests: int | None = Field(None, gt=0)  # default: 4 x max_sessions + 16
     max_queued_requests: int = Field(256, ge=1)  # calls waiting for a replica (bursts of opens); beyond: "busy"
     upscale_delay_s: float = Field(10, ge=0)
@@ -73,7 +76,7 @@ class ModelReplicaConfig(Strict):
 
 class SessionConfig(Strict):
     row_interval_s: float = Field(0.05, ge=0)  # the row clock; 0 = as fast as the model goes
-    max_rows: int = Field(4096, gt=0)
+    max_rows: int | None = Field(4096, gt=0)  # null: until closed or idle (a windowed model only)
     end_on_end_token: bool = False  # end a session once its output says its end token
     # True: after its end token an output stream is held silent until the next input re-opens it
     # (the decoder's StopRules.reopen_on_input); False: the model alone decides (a skills model

@@ -74,6 +74,21 @@ class _Session:
     turn: dict[int, set[int]] = field(default_factory=dict)  # stream with a repetition penalty -> its turn's tokens
 
 
+@dataclass
+class SessionState:
+    """A copy of one session's decoding state (RowDecoder.snapshot), to open others from it
+    (RowDecoder.open(start=...)): the same cache rows, positions, next-row logits and turn state.
+    A session started from it continues exactly as the original would have."""
+
+    rows: int
+    base: int
+    keys: list[torch.Tensor]  # per layer [kv_heads, held cells, head_dim]
+    values: list[torch.Tensor]
+    next_logits: torch.Tensor | None  # [C, V]
+    ended: set[int]
+    turn: dict[int, set[int]]
+
+
 class SlotCache:
     """KV cache with one slot per session, [slots, kv_heads, cells, head_dim] per layer, duck-typed to
     what HF attention layers call (`update`, `get_seq_length`). One forward is three calls:
@@ -143,6 +158,18 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
 
+    def read(self, slot: int, cells: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the slot's first `cells` cells: keys and values per layer [kv_heads, cells, D]."""
+        return ([self.keys[i][slot, :, :cells].clone() for i in sorted(self.keys)],
+                [self.values[i][slot, :, :cells].clone() for i in sorted(self.values)])
+
+    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Put keys and values per layer [kv_heads, cells, D] at the front of `slot`."""
+        self.slots, self.cells = max(self.slots, slot + 1), max(self.cells, keys[0].shape[1] if keys else 0)
+        for store, layers in ((self.keys, keys), (self.values, values)):
+            for i, cells in enumerate(layers):
+                self._buffer(store, i, cells[None])[slot, :, : cells.shape[1]] = cells
+
 
 @dataclass
 class CellSampling:
@@ -189,6 +216,24 @@ def sample(logits: torch.Tensor, cells: CellSampling, silence_id: int, generator
     return torch.where(cells.temperature > 0, sampled, greedy)
 
 
+def session_rows(model: MultiStreamLM, max_rows: int | None) -> int | None:
+    """The most rows a session's slot holds: window + window // 8 for a windowed model (at any
+    age), else max_rows (None: unbounded)."""
+    if model.window is not None:
+        return model.window + max(1, model.window // 8)
+    return max_rows
+
+
+def cache_bytes(model: MultiStreamLM, rows: int) -> int:
+    """KV-cache bytes of one session of `rows` rows: rows x C cells x layers x (K, V) x kv_heads x head_dim."""
+    cfg = model.base.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    element = torch.finfo(model.base.dtype).bits // 8
+    return rows * model.num_streams * cfg.num_hidden_layers * 2 * kv_heads * head_dim * element
+
+
 class RowDecoder:
     """Decode many multi-stream sessions together, one row per `step()`."""
 
@@ -205,7 +250,7 @@ class RowDecoder:
         # a windowed session's slot: its last `window` rows plus room for `slack_rows` more, filled
         # before the front is dropped (dropping moves window rows: every slack_rows steps, not each)
         self.slack_rows = None if self.window is None else max(1, self.window // 8)
-        self.slot_rows = None if self.window is None else self.window + self.slack_rows
+        self.slot_rows = session_rows(model, None)
         self.cache = SlotCache(slots=4, cells=initial_rows * self.C,
                                max_cells=None if self.slot_rows is None else self.slot_rows * self.C)
         self.sessions: dict[str, _Session] = {}
@@ -216,9 +261,11 @@ class RowDecoder:
         self._ids = itertools.count()
 
     # ---- sessions ------------------------------------------------------------------------
-    def open(self, session_id=None, prefill=None, sampling=None, stop: StopRules | None = None) -> str:
+    def open(self, session_id=None, prefill=None, sampling=None, stop: StopRules | None = None,
+             start: SessionState | None = None) -> str:
         """Open a session. prefill: rows known in advance [P, C] (one forward pass).
-        sampling: one Sampling for every output stream, or {stream name: Sampling}."""
+        sampling: one Sampling for every output stream, or {stream name: Sampling}.
+        start: continue from another session's snapshot (its rows count as this one's past)."""
         sid = str(next(self._ids)) if session_id is None else str(session_id)
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} is already open")
@@ -234,6 +281,8 @@ class RowDecoder:
         self.sessions[sid] = session
         self.by_slot.append(session)
         self._settings = None
+        if start is not None:
+            self._restore(session, start)
         if rows is not None and len(rows):
             chunk = len(rows) if self.window is None else self.slack_rows
             with torch.no_grad():
@@ -270,6 +319,23 @@ class RowDecoder:
             last.slot = session.slot
             self.by_slot[session.slot] = last
         self._settings = None
+
+    def snapshot(self, session_id) -> SessionState:
+        """A copy of the session's state; it goes on unchanged."""
+        session = self._session(session_id)
+        keys, values = self.cache.read(session.slot, (session.rows - session.base) * self.C)
+        logits = self.next_logits[session.slot].clone() if session.has_logits else None
+        return SessionState(session.rows, session.base, keys, values, logits, set(session.ended),
+                            {s: set(seen) for s, seen in session.turn.items()})
+
+    def _restore(self, session: _Session, state: SessionState) -> None:
+        self.cache.write(session.slot, state.keys, state.values)
+        session.rows, session.base, session.ended = state.rows, state.base, set(state.ended)
+        for s, seen in state.turn.items():
+            if s in session.turn:
+                session.turn[s] = set(seen)
+        if state.next_logits is not None:
+            self._store_logits([session], state.next_logits[None])
 
     def pending(self, session_id) -> list[int]:
         """How many pushed tokens wait on each stream."""

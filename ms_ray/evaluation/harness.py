@@ -72,19 +72,23 @@ class Episode:
 
 
 def run_episodes(model, episodes: list[Episode], batch_sessions: int,
-                 progress: Callable[[int], None] | None = None, sampling=None) -> None:
+                 progress: Callable[[int], None] | None = None, sampling=None, offset_rows: int = 0) -> None:
     """Decode every episode (at most `batch_sessions` at once, one batched forward per row;
     greedy unless `sampling`, as RowDecoder.open takes it); fills each episode's rows and times in
-    place. `progress(done)` is told the number of finished episodes after every step."""
+    place. `progress(done)` is told the number of finished episodes after every step.
+    offset_rows: every episode starts at this row of a session that had no input before (the
+    model's own outputs decoded meanwhile): decoded once, then each episode continues a copy of it."""
     if batch_sessions < 1:
         raise ValueError(f"batch_sessions must be >= 1, got {batch_sessions}")
     decoder = RowDecoder(model, max_sessions=batch_sessions)
+    start = lead_in(model, offset_rows, sampling) if offset_rows else None
     waiting, open_ = deque(episodes), {}
     with torch.no_grad():
         while waiting or decoder.sessions:
             while waiting and len(decoder.sessions) < batch_sessions:
                 ep = waiting.popleft()
-                decoder.open(ep.key, sampling=sampling, stop=StopRules(max_new_rows=ep.max_rows, end_streams=()))
+                decoder.open(ep.key, sampling=sampling, stop=StopRules(max_new_rows=ep.max_rows, end_streams=()),
+                             start=start)
                 open_[ep.key] = ep
             for key in decoder.sessions:
                 ep = open_[key]
@@ -102,6 +106,17 @@ def run_episodes(model, episodes: list[Episode], batch_sessions: int,
                     decoder.close(row.session)
             if progress is not None:
                 progress(len(episodes) - len(waiting) - len(decoder.sessions))
+
+
+@torch.no_grad()
+def lead_in(model, rows: int, sampling=None):
+    """The state of a session after `rows` rows without input (a windowed model holds only its
+    last rows; an unwindowed one all of them)."""
+    decoder = RowDecoder(model, max_sessions=1)
+    decoder.open("lead", sampling=sampling, stop=StopRules(max_new_rows=None, end_streams=()))
+    for _ in range(rows):
+        decoder.step()
+    return decoder.snapshot("lead")
 
 
 # ---- the held-out sessions and the two layouts ---------------------------------------------
@@ -277,11 +292,13 @@ def reference_tool(example: Example, layout: Layout) -> Callable[[dict], tuple[s
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, batch_sessions: int = 1, slack_rows: int = 8,
-             tool: str = "live", force_outputs: bool = False, progress: bool = False) -> list[dict]:
+             tool: str = "live", force_outputs: bool = False, progress: bool = False, offset_rows: int = 0
+             ) -> list[dict]:
     """Decode and score sessions (or single tasks) with a streams or a sequential skills model; one
     record per task (plain values: the training loop all_gathers them across ranks). No examples:
     no records. progress: show sessions done / total, rate and ETA on stderr (a bar on a terminal,
-    else a line every 30 s and one at the end). The model's training mode is restored."""
+    else a line every 30 s and one at the end). offset_rows: the sessions begin at this row of a
+    live session (run_episodes). The model's training mode is restored."""
     layout = Layout(model.schema, tokenizer, tool, force_outputs)
     if not examples:
         return []
@@ -289,7 +306,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, batch_sessions: int =
     was_training = model.training
     shown = Progress(len(episodes), f"eval ({layout.kind})") if progress else None
     try:
-        run_episodes(model, episodes, batch_sessions, shown.update if shown else None)
+        run_episodes(model, episodes, batch_sessions, shown.update if shown else None, offset_rows=offset_rows)
     finally:
         model.train(was_training)
         if shown:

@@ -24,10 +24,11 @@ def score_checkpoint(checkpoint, cfg) -> tuple[list[dict], dict]:
     started = time.perf_counter()
     examples = held_out_examples(cfg, tokenizer)
     records = evaluate(model, tokenizer, examples, batch_sessions=cfg.batch_sessions, slack_rows=cfg.slack_rows,
-                       tool=cfg.tool, progress=True)
+                       tool=cfg.tool, progress=True, offset_rows=cfg.offset_rows)
     info = {"checkpoint": str(checkpoint), "layout": layout_of(model.schema), "streams": model.schema.names,
             "sessions": len(examples),
             "parameters": sum(p.numel() for p in model.parameters()), "tool": cfg.tool,
+            "offset_rows": cfg.offset_rows, "window_rows": model.window,
             "eval_seconds": time.perf_counter() - started}
     return records, info
 

@@ -33,7 +33,8 @@ from .stream_actors import ActorLink, log
 def engine_settings(cfg: ServeConfig) -> EngineSettings:
     s = cfg.session
     return EngineSettings(
-        max_sessions=cfg.model.max_sessions_per_replica, row_interval_s=s.row_interval_s, max_rows=s.max_rows,
+        max_sessions=cfg.model.max_sessions_per_replica, kv_cache_gb=cfg.model.kv_cache_gb,
+        row_interval_s=s.row_interval_s, max_rows=s.max_rows,
         end_on_end_token=s.end_on_end_token, quiet_after_end=s.quiet_after_end, silent_rows=s.silent_rows,
         idle_timeout_s=s.idle_timeout_s, backlog_rows=s.backlog_rows, max_append_chars=s.max_append_chars,
         sampling={k: v.build() for k, v in s.sampling.items()}, seed=s.seed,
@@ -188,7 +189,9 @@ def build(args: dict):
             upscale_delay_s=m.upscale_delay_s, downscale_delay_s=m.downscale_delay_s,
             look_back_period_s=m.look_back_period_s, metrics_interval_s=min(10.0, m.look_back_period_s / 4),
         ),
-        max_ongoing_requests=m.max_ongoing_requests or 4 * m.max_sessions_per_replica + 16,
+        # calls in flight are a few per live session (open, appends, watch, close); a derived
+        # session limit is known only once the model is loaded: room for 256 then
+        max_ongoing_requests=m.max_ongoing_requests or 4 * (m.max_sessions_per_replica or 256) + 16,
         max_queued_requests=m.max_queued_requests,
         graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, "resources": m.resources},

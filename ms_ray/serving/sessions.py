@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..core.decode import RowDecoder, Sampling, StopRules
+from ..core.decode import RowDecoder, Sampling, StopRules, cache_bytes, session_rows
 from .access import ServeError
 from .outboxes import Outbox, Watch
 from .session_ids import new_session_id
@@ -42,9 +42,11 @@ from .stream_actors import ActorLink, log
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_sessions: int = 16
+    max_sessions: int | None = 16  # None: as many as kv_cache_gb holds (sessions x their most rows)
+    kv_cache_gb: float = 1.0  # the KV-cache memory a replica may use when max_sessions is None
     row_interval_s: float = 0.05  # the row clock; 0 = as fast as the model goes
-    max_rows: int = 4096  # rows per session, then it ends with reason "max_rows"
+    max_rows: int | None = 4096  # rows per session, then it ends with reason "max_rows"; None: no end
+    # (a windowed model only: its sessions need a constant memory)
     end_on_end_token: bool = False  # end when every output stream with an end token said it
     quiet_after_end: bool = True  # a stream that said its end token stays silent until new input
     silent_rows: int | None = None  # end after this many all-silent rows in a row
@@ -54,6 +56,23 @@ class EngineSettings:
     max_append_chars: int = 16384
     sampling: dict[str, Sampling] = field(default_factory=dict)  # per output stream; others greedy
     seed: int = 0
+
+
+def admitted_sessions(model, settings: EngineSettings) -> int:
+    """settings.max_sessions, or as many sessions as settings.kv_cache_gb holds at their most
+    rows (exact for a windowed model: its sessions never hold more). Refuses sessions without an
+    end on a model without a window: their memory would grow with every row."""
+    rows = session_rows(model, settings.max_rows)
+    if rows is None:
+        raise ValueError("session.max_rows: null (sessions without an end) needs a windowed model (trained with "
+                         "model.window_rows): without a window a session's cache grows with every row")
+    if settings.max_sessions is not None:
+        return settings.max_sessions
+    admitted = int(settings.kv_cache_gb * 2**30 // cache_bytes(model, rows))
+    if admitted < 1:
+        raise ValueError(f"model.kv_cache_gb={settings.kv_cache_gb:g} holds no session of {rows} rows "
+                         f"({cache_bytes(model, rows) / 2**20:.1f} MiB each): raise it or lower session.max_rows")
+    return admitted
 
 
 class IncrementalText:
@@ -102,7 +121,8 @@ class SessionEngine:
                  actors: list[ActorLink] = ()):
         self.tokenizer, self.settings = tokenizer, settings
         self.schema = model.schema
-        self.decoder = RowDecoder(model, max_sessions=settings.max_sessions, seed=settings.seed)
+        self.max_sessions = admitted_sessions(model, settings)
+        self.decoder = RowDecoder(model, max_sessions=self.max_sessions, seed=settings.seed)
         self.replica = replica  # the start of every session id here
         self.actors = list(actors)
         for link in self.actors:  # index(): a KeyError naming the stream when the schema lacks it
@@ -133,11 +153,12 @@ class SessionEngine:
         end = self.settings.end_on_end_token if end_on_end_token is None else end_on_end_token
         # quiet_after_end: the decoder keeps an ended stream silent until the next input re-opens it
         quiet = self.settings.quiet_after_end and not end
-        stop = StopRules(min(max_rows or self.settings.max_rows, self.settings.max_rows),
+        limits = [n for n in (max_rows, self.settings.max_rows) if n is not None]
+        stop = StopRules(min(limits) if limits else None,
                          None if end or quiet else (), self.settings.silent_rows, reopen_on_input=quiet)
         async with self.lock:  # checked under the lock: two opens waiting for a step cannot both pass
-            if len(self.sessions) >= self.settings.max_sessions:
-                raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.settings.max_sessions} "
+            if len(self.sessions) >= self.max_sessions:
+                raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.max_sessions} "
                                          "sessions; retry later")
             self.decoder.open(sid, sampling=self.settings.sampling, stop=stop)
         token = secrets.token_urlsafe(24)
@@ -295,7 +316,7 @@ class SessionEngine:
         return session.end["reason"]
 
     def stats(self) -> dict:
-        return {"sessions": len(self.sessions), "max_sessions": self.settings.max_sessions,
+        return {"sessions": len(self.sessions), "max_sessions": self.max_sessions,
                 "rows_total": self.rows_total, "step_seconds": round(self.step_seconds, 3)}
 
     # ---- the step loop ---------------------------------------------------------------------

@@ -339,7 +339,8 @@ class TrainRecipe:
         model = self.whole_model()
         e = self.cfg.eval
         records = evaluate(model, self.tokenizer, self.held_out[self.rank :: self.world],
-                           batch_sessions=e.batch_sessions, slack_rows=e.slack_rows, tool=e.tool)
+                           batch_sessions=e.batch_sessions, slack_rows=e.slack_rows, tool=e.tool,
+                           offset_rows=e.offset_rows)
         gathered = [None] * self.world
         dist.all_gather_object(gathered, records)
         summary = summarize([record for part in gathered for record in part])

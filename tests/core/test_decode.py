@@ -303,3 +303,25 @@ def test_ended_stream_reopens_on_new_input(model, bound):
     row = decoder.step()[0]
     assert row.tokens[user] == 9 and row.tokens[out] not in (silence, end)  # the input re-opened it
     assert decoder.step()[0].tokens[out] != silence
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_session_started_from_a_snapshot_continues_as_the_original(window, bound):
+    """snapshot() + open(start=...): the copy's rows and logits equal the original's from then on
+    (a windowed slot that dropped its front included), and the original is left as it was."""
+    model = make_model(bound, V, "llama")
+    model.window = window
+    talk = Sampling(silence_penalty=1e4)
+    decoder = RowDecoder(model, initial_rows=2)
+    decoder.open("a", sampling=talk, stop=StopRules(None, ()))
+    decoder.push("a", "user", [5, 6, 7])
+    for _ in range(13):
+        decoder.step()
+    state = decoder.snapshot("a")
+    other = RowDecoder(model, initial_rows=2)
+    other.open("b", sampling=talk, stop=StopRules(None, ()), start=state)
+    for _ in range(9):
+        (a,) = decoder.step(return_logits=True)
+        (b,) = other.step(return_logits=True)
+        assert a.row == b.row and a.tokens == b.tokens
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)

@@ -284,3 +284,16 @@ def test_progress_counts_finished_examples_and_ends_with_a_summary_line(streams_
     captured = capsys.readouterr()
     assert len(records) == 4 and captured.out == ""  # progress goes to stderr; stdout stays the report's
     assert captured.err.splitlines()[-1].startswith("eval (streams): 4/4 examples | ") and "done in" in captured.err
+
+
+@pytest.mark.slow
+def test_sessions_at_a_late_offset_are_decoded_and_scored_like_sessions_at_row_0(sch, tok, short_sessions):
+    """offset_rows: each session continues a copy of one lead-in session (here 300 rows, a windowed
+    model: its slot holds 24 + 3 rows whatever the offset). Teacher forcing reproduces every
+    reference there too: the late sessions are decoded and scored by the same machinery."""
+    windowed = make_model(sch, len(tok))
+    windowed.window = 24
+    records = evaluate(windowed, tok, short_sessions, batch_sessions=16, force_outputs=True, offset_rows=300)
+    summary = summarize(records)
+    assert len(records) == sum(len(ex.meta["tasks"]) for ex in short_sessions)
+    assert summary["all"]["accuracy"] == 1.0 and summary["all"]["quiet_after_end"] == 1.0

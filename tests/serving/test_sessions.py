@@ -318,6 +318,30 @@ def test_max_rows_is_capped_by_the_settings(skill_model, tok):
     run(main())
 
 
+def test_sessions_without_an_end_need_a_window_and_keep_a_constant_memory(sch, tok):
+    from ms_ray.core.decode import cache_bytes
+
+    plain = make_model(sch, len(tok))
+    with pytest.raises(ValueError, match="needs a windowed model"):
+        engine_for(plain, tok, max_rows=None)
+    windowed = make_model(sch, len(tok))
+    windowed.window = 16  # a slot of 16 + 2 rows
+    per_session = cache_bytes(windowed, 18)
+    engine = engine_for(windowed, tok, max_rows=None, max_sessions=None, kv_cache_gb=3.5 * per_session / 2**30)
+    assert engine.max_sessions == 3  # admission from the memory budget: exact, the slots never grow
+    with pytest.raises(ValueError, match="holds no session of 18 rows"):
+        engine_for(windowed, tok, max_rows=None, max_sessions=None, kv_cache_gb=0.5 * per_session / 2**30)
+
+    async def main():
+        sid = (await engine.open())["id"]
+        events = await read(engine, sid, until=lambda ev: len(rows_of(ev)) >= 400)
+        assert len(check_rows(events)) >= 400 and sid in engine.sessions  # 400 rows > any slot: still going
+        assert engine.decoder.cache.cells <= 18 * windowed.num_streams
+        await engine.close(sid)
+
+    run(main())
+
+
 def test_silent_rows_end_a_silent_session(skill_model, tok):
     async def main():
         mute = {name: MUTE for name in ("think", "output", "tool_call")}
