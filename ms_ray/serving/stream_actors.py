@@ -130,10 +130,12 @@ class Recorder:
     """Writes every finished session, all streams, as one line of table JSONL (ms_ray/data/formats.py)
     to `{path}/{date}/{replica}.jsonl`, flushed and synced at each session's end. Streams in
     `private` are written as silence (their names go in the line's meta.redacted). Read the files
-    back with a `{kind: jsonl, format: table, path: ...}` source of `ms-ray prepare`."""
+    back with a `{kind: jsonl, format: table, path: ...}` source of `ms-ray prepare`. A session
+    longer than `segment_rows` (one without an end, say) is written every segment_rows rows, as
+    lines `{id}@{k}` (meta.segment k): the recorder's memory stays bounded too."""
 
     def __init__(self, checkpoint: str, path: str = "runs/sessions", private: list[str] = (), source: str = "serve",
-                 min_rows: int = 1):
+                 min_rows: int = 1, segment_rows: int = 4096):
         from ..core.loading import load_tokenizer
 
         schema = StreamSchema.load(checkpoint)
@@ -143,9 +145,10 @@ class Recorder:
         if unknown:
             raise ValueError(f"recorder private: {sorted(unknown)} are not streams of {checkpoint} "
                              f"({self.schema.names})")
-        self.private, self.source, self.min_rows = sorted(private), source, min_rows
+        self.private, self.source, self.min_rows, self.segment_rows = sorted(private), source, min_rows, segment_rows
         self.folder = Path(path)
-        self.sessions: dict[str, list[list[int]]] = {}  # session -> token rows, every stream
+        self.sessions: dict[str, list[list[int]]] = {}  # session -> token rows (of its current segment), every stream
+        self.segments: dict[str, int] = {}  # session -> segments written so far
 
     def file(self) -> Path:
         try:
@@ -158,24 +161,35 @@ class Recorder:
 
     async def __call__(self, batch: dict) -> list[dict]:
         silence = batch["silence"]
+        lines = []
         for row in batch["rows"]:
             rows = self.sessions.setdefault(row["session"], [])
             rows.append([row["tokens"].get(name, silence) for name in self.schema.names])
-        lines = [self.line(end["session"], end["reason"]) for end in batch["ended"]]
+            if len(rows) >= self.segment_rows:
+                lines.append(self.line(row["session"], None))
+        lines += [self.line(end["session"], end["reason"]) for end in batch["ended"]]
         lines = [line for line in lines if line is not None]
         if lines:
             await asyncio.to_thread(self.append, lines)
         return []
 
-    def line(self, session: str, reason: str) -> str | None:
+    def line(self, session: str, reason: str | None) -> str | None:
+        """The session's rows so far as a table line; reason None: a segment of a running session."""
         rows = self.sessions.pop(session, [])
+        segment = self.segments.pop(session, 0) if reason is not None else self.segments.get(session, 0)
+        if reason is None:
+            self.segments[session] = segment + 1
         if len(rows) < self.min_rows:
             return None
         table = np.asarray(rows, dtype=np.int32)
         for name in self.private:
             table[:, self.schema.index(name)] = self.schema.silence_id
         meta = {"ended": reason, "redacted": self.private}
-        example = Example(session, self.source, session, "live", table, meta)
+        example_id = session
+        if segment or reason is None:  # a session written in parts: each part its own example
+            meta["segment"] = segment
+            example_id = f"{session}@{segment}"
+        example = Example(example_id, self.source, session, "live", table, meta)
         return json.dumps(table_line(example, self.schema, self.tokenizer), ensure_ascii=False)
 
     def append(self, lines: list[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -50,16 +49,18 @@ def cluster_data(cluster, tmp_path_factory):
     return out, run, time.perf_counter() - started
 
 
-def test_prepare_on_two_nodes_gives_the_same_shards_as_one_node(two_nodes, cluster_data, tmp_path):
+def test_prepare_on_two_nodes_gives_the_same_shards_as_one_node(two_nodes, cluster_data, ray_local, tmp_path):
+    from ms_ray.config import PrepareConfig, load_config
+    from ms_ray.data.pipeline import prepare  # after ray_local: Ray Data reads its environment at import
+
     out, run, _ = cluster_data
     tasks = two_nodes.run("a", [PY, "-c", TASK_NODES], timeout=60, cwd=ROOT).stdout
     nodes = json.loads(tasks.strip().splitlines()[-1])
     assert set(nodes) == {"10.201.0.11", NODE_B}, f"process_shard tasks ran on {nodes}"
 
-    one = tmp_path / "one_node"  # the same command on this machine's own local one-node Ray
-    local = subprocess.run([PY, "-m", "ms_ray.cli", "prepare", "jobs/data-skills.yaml", f"output={one}", *SKILLS],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
+    one = tmp_path / "one_node"  # the same config on this process's own local one-node Ray
+    prepare(load_config(PrepareConfig, ROOT / "jobs/data-skills.yaml", [f"output={one}", *SKILLS]),
+            log=lambda _: None, progress=lambda _: None)
     assert files_digest(out) == files_digest(one) and len(files_digest(one)) >= 6
     assert comparable_manifest(out) == comparable_manifest(one)
 

@@ -132,3 +132,31 @@ def test_the_recorder_writes_sessions_prepare_reads_back(checkpoint, sch, tok, t
                 continue
             said = [int(t) for t in example.rows[:, s] if t != sch.silence_id]
             assert tok.decode(said).split() == text_of(received, name).split(), name  # what the clients saw
+
+
+def test_the_recorder_writes_long_sessions_in_segments(checkpoint, sch, tok, tmp_path):
+    """segment_rows: a session longer than that is written as it goes (memory stays bounded),
+    every part a table line of its own that prepare reads; together they are the whole session."""
+    recorder = Recorder(str(checkpoint), path=str(tmp_path / "sessions"), source="test", segment_rows=10)
+
+    async def main():
+        link = ActorLink("recorder", tuple(sch.names), frozenset(), recorder)
+        engine = SessionEngine(make_model(sch, len(tok)), tok,
+                               EngineSettings(row_interval_s=0, sampling={"output": TALK}), actors=[link])
+        info = await engine.open(max_rows=25)
+        events = await read_all(engine, info["id"])
+        while link.task is not None:
+            await asyncio.sleep(0.01)
+        return info["id"], events
+
+    sid, events = run(main())
+    (path,) = (tmp_path / "sessions").iterdir().__next__().iterdir()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"{sid}@0", f"{sid}@1", f"{sid}@2"]
+    assert [line["meta"].get("segment") for line in lines] == [0, 1, 2]
+    assert [line["meta"]["ended"] for line in lines] == [None, None, "max_rows"]
+    examples = list(read_table_jsonl(path, sch, tok))
+    assert [e.num_rows for e in examples] == [10, 10, 5] and not recorder.sessions and not recorder.segments
+    output = sch.index("output")
+    said = [int(t) for e in examples for t in e.rows[:, output] if t != sch.silence_id]
+    assert tok.decode(said).split() == text_of(events, "output").split()
