@@ -249,8 +249,8 @@ class RowDecoder:
         self.window = model.window
         # a windowed session's slot: its last `window` rows plus room for `slack_rows` more, filled
         # before the front is dropped (dropping moves window rows: every slack_rows steps, not each)
-        self.slack_rows = None if self.window is None else max(1, self.window // 8)
         self.slot_rows = session_rows(model, None)
+        self.slack_rows = None if self.window is None else self.slot_rows - self.window
         self.cache = SlotCache(slots=4, cells=initial_rows * self.C,
                                max_cells=None if self.slot_rows is None else self.slot_rows * self.C)
         self.sessions: dict[str, _Session] = {}

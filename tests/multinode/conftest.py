@@ -40,6 +40,11 @@ def cluster():
 @pytest.fixture
 def two_nodes(cluster):
     """The cluster with both nodes alive (node b restarted plain if a test left it dead or changed)."""
+    return restore(cluster)
+
+
+def restore(cluster):
+    """Both nodes alive, b without private mounts (restarted if a test left it dead or changed)."""
     if not cluster.pids("b") or cluster.private.get("b"):
         cluster.kill("b")
         cluster.wait_alive(1, 60)

@@ -16,7 +16,7 @@ import pytest
 
 from ms_ray.tracking import read_metrics
 
-from .conftest import PY, ROOT, cli
+from .conftest import PY, ROOT, cli, restore
 from .netns import TOKEN
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def comparable_manifest(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def cluster_data(cluster, tmp_path_factory):
     """Skill data prepared ON the cluster (read/convert/write tasks spread over both nodes)."""
+    restore(cluster)
     out = tmp_path_factory.mktemp("cluster_data") / "skills"
     started = time.perf_counter()
     run = cli(cluster, "prepare", "jobs/data-skills.yaml", f"output={out}", *SKILLS, timeout=300)
@@ -85,7 +86,8 @@ def test_preflight_sees_every_node_and_fails_on_storage_one_node_does_not_share(
              timeout=180, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-3000:]
     assert "2 node(s)" in ok.stdout and "2 of 2 listed alive answered" in ok.stdout
-    assert "gloo on eth0 (10.201.0.11)" in ok.stdout and f"eth0 ({NODE_B})" in ok.stdout  # not loopback
+    network = next(line for line in ok.stdout.splitlines() if line.split()[1:2] == ["network"])
+    assert "eth0 (10.201.0.11)" in network and f"eth0 ({NODE_B})" in network, network  # not loopback
 
     private = tmp_path / "private"  # node b gets its own empty tmpfs here: storage the head does not see
     private.mkdir()
@@ -145,6 +147,7 @@ def wait_for(condition, seconds: float, what: str, proc=None, log: Path | None =
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, cluster_data, tmp_path_factory):
+    restore(cluster)  # module fixtures come before two_nodes: a test before may have left b dead
     storage = tmp_path_factory.mktemp("runs")
     run = cli(cluster, *train_args(cluster_data[0], storage, "z2"), timeout=600)
     return storage / "z2", run.stdout
