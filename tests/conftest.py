@@ -98,6 +98,24 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def data_dir(ray_local, tmp_path_factory):
+    """600 skill sessions (jobs/data-skills.yaml, one shard), prepared once on the in-process Ray for
+    the tests that train on them: test_submit's cluster jobs (by path), test_train, test_lora_train.
+    Each prepared its own before (~9 s apiece); the runs only read it."""
+    from pathlib import Path
+
+    # imported after ray_local has set Ray's environment, as the CLI does: the pipeline imports
+    # Ray Data, which reads RAY_DATA_DISABLE_PROGRESS_BARS once, at import
+    from ms_ray.config import PrepareConfig, load_config
+    from ms_ray.data.pipeline import prepare
+
+    out = tmp_path_factory.mktemp("data") / "skills"
+    prepare(load_config(PrepareConfig, Path(__file__).resolve().parent.parent / "jobs/data-skills.yaml",
+                        [f"output={out}", "sources=[{kind: skills, examples: 600, shards: 1}]"]))
+    return out
+
+
 TEST_TOKEN = "ms-ray-test-token-0123456789"  # token auth of the test cluster (not a secret)
 
 
@@ -159,11 +177,18 @@ def ray_head(tmp_path_factory):
         assert time.monotonic() < deadline, "ray start --head: dashboard not up in 120 s\n" + log.read_text()[-3000:]
         time.sleep(1)
     yield {"dashboard": url, "gcs": f"127.0.0.1:{gcs}", "env": env, "token": TEST_TOKEN}
-    os.killpg(proc.pid, signal.SIGTERM)  # --block: stops everything this head started
+    # SIGTERM to `ray start` alone: it stops what it started in order, the raylet while the GCS still
+    # answers. SIGTERM to the whole group reached the GCS first at times, and the raylet then waited
+    # ~30 s to unregister from it (a teardown of 2.5 s or 32 s by that race).
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still there
+    except ProcessLookupError:
+        pass
     subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)  # anything left of this head only
 
 
@@ -265,4 +290,10 @@ def served(ray_local, tmp_path_factory):
         wait_ready(f"{base}/{name}")
     yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "checkpoint": checkpoint, "port": port, "apps": apps,
            "sessions": sessions}
+    # both apps deleted together, then Serve: serve.shutdown() alone stops the deployments one tier at
+    # a time (ingress, server, actors), 2 s each at least (Serve's graceful_shutdown_wait_loop_s)
+    for name in apps:
+        serve.delete(name, _blocking=False)
+    for name in apps:
+        serve.delete(name)  # waits until it is gone
     serve.shutdown()

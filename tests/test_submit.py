@@ -100,13 +100,10 @@ def test_submit_and_jobs_against_nothing_exit_2_naming_the_address():
 
 
 @pytest.mark.slow
-def test_submit_follow_logs_stop_list_on_a_token_cluster(ray_head, ray_local, tmp_path):
+def test_submit_follow_logs_stop_list_on_a_token_cluster(ray_head, data_dir, tmp_path):
     env, address = ray_head["env"], ray_head["dashboard"]
-    data = tmp_path / "data"
-    from ms_ray.cli import main  # data made here, on the in-process test Ray; the cluster reads it by path
-
-    assert main(["prepare", "jobs/data-skills.yaml", f"output={data}", "sources=[{kind: skills, examples: 200}]"]) == 0
-    short = [f"data.path={data}", "data.prepare=null", "optim.max_steps=6", "optim.warmup_steps=1",
+    # data_dir: made on the in-process test Ray (shared with the training tests); the cluster reads it by path
+    short = [f"data.path={data_dir}", "data.prepare=null", "optim.max_steps=6", "optim.warmup_steps=1",
              "eval.examples_per_task=0", "eval.max_val_batches=1", "run.log_every=2", f"run.storage={tmp_path}/runs",
              "wandb.mode=offline"]
     first, second = f"tiny-{uuid.uuid4().hex[:6]}", f"long-{uuid.uuid4().hex[:6]}"

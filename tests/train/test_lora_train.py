@@ -4,7 +4,7 @@ equal to the trained adapters, and a resumed run repeats the uninterrupted one."
 
 import pytest
 import torch
-from test_train import data_dir, job, losses, probe_matches_export  # noqa: F401  (data_dir: a fixture)
+from test_train import job, losses, probe_matches_export
 
 from ms_ray.cli import main
 from ms_ray.core.families import build_model
@@ -20,7 +20,7 @@ EXTRA = {3: ("eval.examples_per_task=1",)}
 
 
 @pytest.fixture(scope="module")
-def lora_run(data_dir, tmp_path_factory):  # noqa: F811  (the fixture imported above)
+def lora_run(data_dir, tmp_path_factory):
     """run(stage) -> (run folder, metrics, config); each stage trains once per module."""
     from ms_ray.train.run import train
 
@@ -79,7 +79,7 @@ def test_every_stage_trains_alike(lora_run):
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_offline_export_of_a_lora_checkpoint_matches_the_run_s_export(lora_run, data_dir, stage, tmp_path):  # noqa: F811
+def test_offline_export_of_a_lora_checkpoint_matches_the_run_s_export(lora_run, data_dir, stage, tmp_path):
     """`ms-ray export` consolidates the saved checkpoint with zero_to_fp32, which leaves the frozen
     weights out under ZeRO-1 (the fresh model supplies them), and merges the adapters."""
     run_dir, _, _ = lora_run(stage)
@@ -92,7 +92,7 @@ def test_offline_export_of_a_lora_checkpoint_matches_the_run_s_export(lora_run, 
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_a_resumed_lora_run_matches_the_uninterrupted_one(lora_run, data_dir, tmp_path):  # noqa: F811
+def test_a_resumed_lora_run_matches_the_uninterrupted_one(lora_run, data_dir, tmp_path):
     """ZeRO-3 (frozen weights partitioned as well): a worker fails at step 6 once; the run resumes
     from the checkpoint of step 4 and its losses are bit-identical to the uninterrupted run's."""
     from ms_ray.train.run import train

@@ -6,24 +6,12 @@ import pytest
 import torch
 
 from ms_ray.cli import main
-from ms_ray.config import PrepareConfig, TrainConfig, load_config
+from ms_ray.config import TrainConfig, load_config
 from ms_ray.core.model import MultiStreamLM
 from ms_ray.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_dir(ray_local, tmp_path_factory):
-    # imported after ray_local has set Ray's environment, as the CLI does: the pipeline imports
-    # Ray Data, which reads RAY_DATA_DISABLE_PROGRESS_BARS once, at import
-    from ms_ray.data.pipeline import prepare
-
-    out = tmp_path_factory.mktemp("data") / "skills"
-    prepare(load_config(PrepareConfig, ROOT / "jobs/data-skills.yaml",
-                        [f"output={out}", "sources=[{kind: skills, examples: 600, shards: 1}]"]))
-    return out
 
 
 def job(data_dir, storage, name, *overrides):
