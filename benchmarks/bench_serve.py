@@ -63,7 +63,8 @@ def wait_ready(app_url: str, seconds: float = 180) -> None:
     raise TimeoutError(f"{app_url} was not ready within {seconds:g} s")
 
 
-def save_checkpoint(folder: Path) -> Path:
+def tiny_skills_model(window: int | None = None):
+    """The benchmarks' model: a random tiny Llama (hidden 128, 2 layers) on the skill streams."""
     from ms_ray.core.families import tiny_base_model
     from ms_ray.core.model import MultiStreamLM
     from ms_ray.data.skills import SKILL_STREAMS
@@ -71,7 +72,12 @@ def save_checkpoint(folder: Path) -> Path:
 
     tok = skill_tokenizer()
     base = tiny_base_model("llama", len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512)
-    MultiStreamLM(base, SKILL_STREAMS.bind(tok)).save_pretrained(folder, tok)
+    return MultiStreamLM(base, SKILL_STREAMS.bind(tok), window=window), tok
+
+
+def save_checkpoint(folder: Path) -> Path:
+    model, tok = tiny_skills_model()
+    model.save_pretrained(folder, tok)
     return folder
 
 

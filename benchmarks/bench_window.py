@@ -22,23 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_serve import tiny_skills_model  # noqa: E402  (beside this script: the same model)
 
 WINDOW = 256
 BASELINE_ROWS = 20_000  # the unwindowed cache grows with every row: its curve stops here
-
-
-def model_with(window: int | None):
-    import torch
-
-    from ms_ray.core.families import tiny_base_model
-    from ms_ray.core.model import MultiStreamLM
-    from ms_ray.data.skills import SKILL_STREAMS
-    from ms_ray.data.tokenizer import skill_tokenizer
-
-    tok = skill_tokenizer()
-    base = tiny_base_model("llama", len(tok), hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512)
-    torch.manual_seed(0)
-    return MultiStreamLM(base, SKILL_STREAMS.bind(tok), window=window).eval(), tok
 
 
 def cache_mib(decoder) -> float:
@@ -65,7 +52,8 @@ def run(window: int | None, marks: list[int], span: int = 200) -> tuple[list[dic
     so that the machine's load, which drifts over minutes, weighs on both alike."""
     from ms_ray.core.decode import RowDecoder, Sampling, StopRules
 
-    model, tok = model_with(window)
+    model, tok = tiny_skills_model(window)
+    model.eval()
     decoder = RowDecoder(model)
     talk = {s: Sampling(silence_penalty=1e4) for s in TALK}
     decoder.open("s", sampling=talk, stop=StopRules(None, ()))

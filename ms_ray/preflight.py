@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .config import TrainConfig, load_config
-from .ray_env import collective_interface, init_ray, set_environment
+from .ray_env import alive_nodes, collective_interface, init_ray, set_environment
 from .submit import SubmitError, use_token
 from .tracking import wandb_mode
 
@@ -172,7 +172,7 @@ def preflight(cfg, address: str | None = None) -> int:
         ray = init_ray(address)
     except ConnectionError as e:  # nothing answers at --address (ray_env's bounded check, or Ray's own)
         raise PreflightError(str(e)) from None
-    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    nodes = alive_nodes()
     started = time.perf_counter()
     answers, silent = on_every_node(ray, nodes, storage, "write")
     wrote = {r["node"]: r for r in answers}

@@ -95,6 +95,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def alive_nodes() -> dict[str, str]:
+    """{node id: address} of the nodes the joined cluster lists alive."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+
 ADDRESS_FIX = "start the cluster (`ray start --head`) or correct the address (address=, --address or RAY_ADDRESS)"
 
 

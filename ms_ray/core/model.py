@@ -236,13 +236,15 @@ class MultiStreamLM(nn.Module):
         differences only: a cache whose keys and queries all move back by `rows` computes the same
         scores up to rounding. The decoder re-anchors a windowed session this way, so positions
         stay below the window's size at any age (float32 angles at row 10^6 would be off by ~0.1 rad)."""
-        inv_freq = next((m.inv_freq for m in self.base.modules() if isinstance(getattr(m, "inv_freq", None),
-                                                                                torch.Tensor)), None)
+        if not hasattr(self, "_inv_freq"):  # the base's rotary frequencies, found once
+            self._inv_freq = next((m.inv_freq.double() for m in self.base.modules()
+                                   if isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+        inv_freq = self._inv_freq
         if inv_freq is None or 2 * inv_freq.numel() != keys.shape[-1]:
             found = None if inv_freq is None else inv_freq.numel()
             raise NotImplementedError(f"shift_positions needs full-width RoPE (inv_freq of {keys.shape[-1] // 2}); "
                                       f"{type(self.base).__name__} has {found}")
-        angle = -rows * inv_freq.double()  # [D/2]
+        angle = -rows * inv_freq.to(keys.device)  # [D/2]
         angle = torch.cat([angle, angle])  # [D], HF's layout: (x1, x2) halves share a frequency
         cos, sin = angle.cos().to(keys.dtype), angle.sin().to(keys.dtype)
         half = keys.shape[-1] // 2

@@ -16,6 +16,7 @@ worker first (`on_start`):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray.train.torch import TorchConfig
@@ -58,31 +59,19 @@ def use_node_interface() -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
-class _LoopbackTorchBackend(_TorchBackend):
+class _PreparedTorchBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config):
-        worker_group.execute(bind_store_to_its_address)
-        super().on_start(worker_group, backend_config)
-
-
-class _ClusterTorchBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config):
-        worker_group.execute(use_node_interface)
+        worker_group.execute(backend_config.prepare)
         super().on_start(worker_group, backend_config)
 
 
 @dataclass
-class LoopbackTorchConfig(TorchConfig):
-    """TorchConfig for one-node local runs: the process group's store on the node's address."""
+class PreparedTorchConfig(TorchConfig):
+    """TorchConfig whose workers run `prepare` before the process group is set up:
+    bind_store_to_its_address for a local run, use_node_interface on a cluster."""
+
+    prepare: Callable[[], None] = bind_store_to_its_address
 
     @property
     def backend_cls(self):
-        return _LoopbackTorchBackend
-
-
-@dataclass
-class ClusterTorchConfig(TorchConfig):
-    """TorchConfig for runs on a cluster: gloo on the interface of each node's Ray address."""
-
-    @property
-    def backend_cls(self):
-        return _ClusterTorchBackend
+        return _PreparedTorchBackend

@@ -24,11 +24,11 @@ from ..core.loading import load_tokenizer
 from ..data.pipeline import pack_dataset, prepare
 from ..evaluation.report import skill_table
 from ..manifest import MANIFEST, load_manifest
-from ..ray_env import NodesLost, init_ray
+from ..ray_env import NodesLost, alive_nodes, init_ray
 from ..tracking import DIVERGED, read_divergence
 from .checkpoint import export_checkpoint
 from .loop import train_worker
-from .process_group import ClusterTorchConfig, LoopbackTorchConfig
+from .process_group import PreparedTorchConfig, bind_store_to_its_address, use_node_interface
 
 
 def run_dir_of(cfg) -> Path:
@@ -150,11 +150,6 @@ def train(cfg) -> dict:
     return metrics
 
 
-def alive_nodes() -> dict[str, str]:
-    """{node id: address} of the nodes the cluster lists alive."""
-    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-
-
 def datasets_of(cfg, manifest: dict) -> dict:
     """The Ray Datasets of the packs: "train", and "validation" (empty when the data has none)."""
     data_dir = Path(cfg.data.path).resolve()
@@ -181,8 +176,8 @@ def trainer_of(cfg, datasets: dict, run_dir: Path) -> TorchTrainer:
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker},
                                      placement_strategy=scaling.placement_strategy),
-        torch_config=(ClusterTorchConfig if remote else LoopbackTorchConfig)(
-            backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=PreparedTorchConfig(backend="nccl" if scaling.use_gpu else "gloo",
+                                         prepare=use_node_interface if remote else bind_store_to_its_address),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
