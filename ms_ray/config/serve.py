@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from .base import ConfigError, Strict, exported_model, load_config, read_yaml
+from ..core.export import export_window
+from .base import ConfigError, Strict, check_paths, exported_model, load_config, read_yaml
 from .model import SamplingConfig
 
 
@@ -172,6 +173,10 @@ class ServeConfig(Strict):
         names = [a.name for a in self.actors]
         if len(set(names)) != len(names):
             raise ValueError(f"actors: names must be unique, got {names}")
+        if self.session.max_rows is None and check_paths(info) and export_window(self.checkpoint) is None:
+            raise ValueError(f"session.max_rows: null (sessions without an end) needs a model trained with a window "
+                             f"(model.window_rows); {self.checkpoint} has none, so a session's memory would grow with "
+                             "every row: set session.max_rows")
         if self.ingress.anonymous_role is not None and self.ingress.anonymous_role not in self.roles:
             raise ValueError(f"ingress.anonymous_role: {self.ingress.anonymous_role!r} is not one of roles "
                              f"{sorted(self.roles)}")

@@ -18,6 +18,11 @@ from .streams import StreamSchema
 
 STREAM_EMBED_FILE = "stream_embeddings.safetensors"
 FORMAT_FILE = "ms_ray.json"
+def export_window(folder: str | Path) -> int | None:
+    """The attention window (rows) an export was trained with; None: none (the whole history)."""
+    return json.loads((Path(folder) / FORMAT_FILE).read_text()).get("window")
+
+
 class ExportError(ValueError):
     """A folder is not a whole, readable MultiStreamLM export; the message names the file."""
 

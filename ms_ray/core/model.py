@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .export import FORMAT_FILE, STREAM_EMBED_FILE
+from .export import FORMAT_FILE, STREAM_EMBED_FILE, export_window
 from .streams import StreamSchema, TableError, check_table, next_row_labels
 
 ATTN_IMPL = "ms_ray"  # registered below; dispatches on the type of the mask it is given
@@ -296,7 +296,7 @@ class MultiStreamLM(nn.Module):
                 "to convert a plain HF model use MultiStreamLM.from_base"
             )
         schema = StreamSchema.load(folder)
-        window = json.loads((folder / FORMAT_FILE).read_text()).get("window")
+        window = export_window(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", attn_implementation="sdpa")
         model = cls(base, schema, attention, window)
         weight = load_file(str(folder / STREAM_EMBED_FILE))["weight"]

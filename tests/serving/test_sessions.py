@@ -948,3 +948,18 @@ def test_input_cells_keep_spaces_with_a_word_level_vocabulary(skill_model, tok):
         return await read(engine, sid)
 
     assert text_of(run(main()), "user") == "  cat   dog zzzunknown bird"
+
+
+def test_a_serve_config_without_max_rows_needs_a_windowed_checkpoint(sch, tok, tmp_path):
+    """Refused when the config is read (`ms-ray serve` says it at once, naming the field), not by
+    every replica failing to start."""
+    from ms_ray.config import ConfigError, ServeConfig, load_config
+
+    plain = make_model(sch, len(tok))
+    plain.save_pretrained(tmp_path / "plain", tok)
+    with pytest.raises(ConfigError, match=r"session.max_rows: null .* has none"):
+        load_config(ServeConfig, None, ["session.max_rows=null"], data={"checkpoint": str(tmp_path / "plain")})
+    plain.window = 8
+    plain.save_pretrained(tmp_path / "windowed", tok)
+    cfg = load_config(ServeConfig, None, ["session.max_rows=null"], data={"checkpoint": str(tmp_path / "windowed")})
+    assert cfg.session.max_rows is None
