@@ -150,6 +150,22 @@ class IngressConfig(Strict):
     frame_interval_s: float = Field(0.05, ge=0)
 
 
+class ChatConfig(Strict):
+    """The OpenAI-compatible endpoints (/v1/chat/completions, /v1/models, /v1/realtime; serve/PROTOCOL.md):
+    how a chat's messages become stream text and where its answer is read."""
+
+    model_name: str | None = None  # the `model` clients name; null: the checkpoint folder's name (its
+    # parent's when the folder is an `export`, as `ms-ray train` writes: runs/train/tiny/export -> tiny)
+    # message role -> the stream its text goes to (a role missing here, or mapped to a stream the
+    # model lacks, is refused naming the streams it has); `assistant` turns are the answer stream's history
+    role_streams: dict[str, str] = {"system": "system", "developer": "system", "user": "user", "tool": "tool",
+                                    "assistant": "output"}
+    answer_stream: str = "output"  # the reply's `content`, until the stream's end token
+    reasoning_stream: str | None = "think"  # `reasoning_content`, for roles that may read it (never in content)
+    gap_rows: int = Field(1, ge=0)  # silent rows between one message's last token and the next message
+    max_reply_rows: int = Field(512, gt=0)  # rows after the last message; then finish_reason "length"
+
+
 class ServeConfig(Strict):
     """`ms-ray serve` and the `args` of serve/*.yaml: one app, three deployments."""
 
@@ -165,6 +181,7 @@ class ServeConfig(Strict):
     actors: list[ActorConfig] = Field(default_factory=default_actors)
     ingress: IngressConfig = IngressConfig()
     roles: dict[str, RoleConfig] = DEFAULT_ROLES
+    chat: ChatConfig = ChatConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False  # one line per call (every append): off unless debugging
 

@@ -24,18 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import MultiStreamLM
+from .sampling import CellSampling, Sampling, sample  # noqa: F401 (the decoder's API)
 from .streams import StreamSchema, TableError
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    silence_penalty: float = 0.0  # subtracted from the silence logit (talk more when > 0)
-    # > 1: tokens the stream already wrote in its current turn (since its last end token) are less
-    # likely again (CTRL's penalty, as transformers applies it): breaks greedy loops
-    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +62,7 @@ class _Session:
     has_logits: bool = False  # False until a row was forwarded: nothing to sample from yet
     ended: set[int] = field(default_factory=set)  # output streams that emitted their end token
     turn: dict[int, set[int]] = field(default_factory=dict)  # stream with a repetition penalty -> its turn's tokens
+    generator: torch.Generator | None = None  # its own random numbers (open(seed=...)); None: the decoder's
 
 
 @dataclass
@@ -171,51 +162,6 @@ class SlotCache:
                 self._buffer(store, i, cells[None])[slot, :, : cells.shape[1]] = cells
 
 
-@dataclass
-class CellSampling:
-    """Sampling settings of every cell of a step, [n, C] tensors on the device, plus a host-side
-    flag so that an all-greedy step needs no device->host look at the settings."""
-
-    temperature: torch.Tensor  # 0 = greedy
-    top_k: torch.Tensor  # 0 = off
-    top_p: torch.Tensor
-    silence_penalty: torch.Tensor
-    any_random: bool
-
-    @classmethod
-    def build(cls, table: list[list[Sampling]], device) -> "CellSampling":
-        values = [[(p.temperature, p.top_k, p.top_p, p.silence_penalty) for p in row] for row in table]
-        t = torch.tensor(values, dtype=torch.float, device=device)  # [n, C, 4]
-        random = any(p.temperature > 0 for row in table for p in row)
-        return cls(t[..., 0], t[..., 1].long(), t[..., 2], t[..., 3], random)
-
-
-def sample(logits: torch.Tensor, cells: CellSampling, silence_id: int, generator=None,
-           repeated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """Vectorised per-cell sampling: logits [n, C, V] -> tokens [n, C]. repeated: (cell rows,
-    cell streams, token ids, penalties), one entry per token a cell's stream already wrote."""
-    logits = logits.to(torch.float32, copy=True)
-    logits[..., silence_id] -= cells.silence_penalty
-    if repeated is not None:
-        i, s, t, penalty = repeated
-        seen = logits[i, s, t]
-        logits[i, s, t] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    greedy = logits.argmax(-1)
-    if not cells.any_random:
-        return greedy
-    V = logits.shape[-1]
-    scaled = logits / cells.temperature.clamp(min=1e-5)[..., None]
-    sorted_logits, order = scaled.sort(-1, descending=True)  # [n, C, V]
-    ranks = torch.arange(V, device=logits.device)
-    k = torch.where(cells.top_k > 0, cells.top_k, V)[..., None]
-    probs = sorted_logits.softmax(-1)
-    beyond_p = (probs.cumsum(-1) - probs) > cells.top_p[..., None]  # never removes the top token
-    sorted_logits = sorted_logits.masked_fill((ranks >= k) | beyond_p, float("-inf"))
-    pick = torch.multinomial(sorted_logits.softmax(-1).view(-1, V), 1, generator=generator)
-    sampled = order.gather(-1, pick.view(*order.shape[:2], 1)).squeeze(-1)
-    return torch.where(cells.temperature > 0, sampled, greedy)
-
-
 def session_rows(model: MultiStreamLM, max_rows: int | None) -> int | None:
     """The most rows a session's slot holds: window + window // 8 for a windowed model (at any
     age), else max_rows (None: unbounded)."""
@@ -262,10 +208,11 @@ class RowDecoder:
 
     # ---- sessions ------------------------------------------------------------------------
     def open(self, session_id=None, prefill=None, sampling=None, stop: StopRules | None = None,
-             start: SessionState | None = None) -> str:
+             start: SessionState | None = None, seed: int | None = None) -> str:
         """Open a session. prefill: rows known in advance [P, C] (one forward pass).
         sampling: one Sampling for every output stream, or {stream name: Sampling}.
-        start: continue from another session's snapshot (its rows count as this one's past)."""
+        start: continue from another session's snapshot (its rows count as this one's past).
+        seed: its own random numbers (the same tokens whoever decodes beside it); None: shared."""
         sid = str(next(self._ids)) if session_id is None else str(session_id)
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} is already open")
@@ -277,6 +224,8 @@ class RowDecoder:
             self._per_stream(sampling), stop, self._end_ids(stop),
         )
         session.turn = {s: set() for s, p in enumerate(session.sampling) if p.repetition_penalty != 1.0}
+        if seed is not None:
+            session.generator = torch.Generator(device=self.device).manual_seed(seed)
         rows = self._as_rows(prefill)
         self.sessions[sid] = session
         self.by_slot.append(session)
@@ -357,7 +306,8 @@ class RowDecoder:
             logits = self.next_logits[: len(active)]
             if len(logits) < len(active):  # sessions that joined without a prefill: all their cells are forced
                 logits = torch.cat([logits, logits.new_zeros(len(active) - len(logits), *logits.shape[1:])])
-            sampled = sample(logits, self._cell_sampling(), self.silence, self.generator, self._repeated(active))
+            own = {i: s.generator for i, s in enumerate(active) if s.generator is not None}
+            sampled = sample(logits, self._cell_sampling(), self.silence, self.generator, self._repeated(active), own)
             rows = torch.where(use_forced, forced, sampled)  # [n, C]
         logits = self._forward(active, rows[:, None])  # [n, C, V]
         self._store_logits(active, logits)

@@ -80,9 +80,10 @@ class SessionServer:
 
     # Refusals come back as error events, not exceptions: a client's mistake is not a server
     # error (no traceback in the replica log) and needs no unwrapping on the other side.
-    async def open(self, max_rows: int | None = None, end_on_end_token: bool | None = None, inputs=()) -> dict:
+    async def open(self, max_rows: int | None = None, end_on_end_token: bool | None = None, inputs=(),
+                   sampling: dict | None = None, seed: int | None = None, gap_rows: int | None = None) -> dict:
         try:
-            return await self.engine.open(max_rows, end_on_end_token, inputs)
+            return await self.engine.open(max_rows, end_on_end_token, inputs, sampling, seed, gap_rows)
         except ServeError as e:
             return refusal(e)
 

@@ -15,6 +15,7 @@ every watcher of it gets `session_lost` at once. Ray-aware but torch-free (the i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import uuid
 from dataclasses import dataclass, field
@@ -81,14 +82,17 @@ class FeedHub:
         self.starts = itertools.count()
         self.tasks: set[asyncio.Task] = set()  # calls nobody waits for, kept until they finish
 
-    def background(self, response) -> None:
-        """Send a call whose answer nobody needs (a lost answer changes nothing)."""
+    def background(self, call) -> None:
+        """Send a call whose answer nobody needs (a lost answer changes nothing): `call()` makes it,
+        in a context of its own. In the request's context, Serve would cancel it with the request
+        (a client that went away cancels its request and that request's calls): the very calls
+        that clean up after a client that went away."""
         async def done():
             try:
-                await response
+                await call()
             except Exception:
                 pass
-        task = asyncio.get_running_loop().create_task(done())
+        task = asyncio.get_running_loop().create_task(done(), context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -116,7 +120,8 @@ class FeedHub:
         """Stop watching (the client left); the feed stops with its last watcher."""
         feed = watcher.feed
         if feed.watchers.pop(watcher.id, None) is not None and not watcher.over:
-            self.background(self.server.unwatch.remote(replica=feed.replica, outbox=feed.outbox, watch=watcher.id))
+            self.background(lambda: self.server.unwatch.remote(replica=feed.replica, outbox=feed.outbox,
+                                                               watch=watcher.id))
         if not feed.watchers and self.feeds.get(feed.replica) is feed:
             del self.feeds[feed.replica]
             feed.task.cancel()

@@ -32,8 +32,11 @@ from .access import (
     parse_frame,
     parse_json_object,
 )
+from .chat_completions import chat_completions, models
 from .feeds import FeedHub, Watcher, as_serve_error, awaited, error_event
+from .openai_api import model_name
 from .quotas import Quotas, client_id
+from .realtime import realtime
 
 app = FastAPI(title="ms_ray", description="Multi-stream sessions: see serve/PROTOCOL.md")
 
@@ -135,6 +138,8 @@ class Ingress:
         self.hub: FeedHub | None = None  # made in the replica's event loop, on first use
         self.quotas = Quotas()
         self.holds: set[asyncio.Task] = set()  # one wait_end call per session opened here
+        self.model_name = model_name(self.cfg.chat, self.cfg.checkpoint)  # what OpenAI clients call it
+        self.started = int(time.time())
 
     # ---- plumbing ------------------------------------------------------------------------
     async def call(self, response):
@@ -150,8 +155,8 @@ class Ingress:
             raise ServeError(result["code"], result["message"])
         return result
 
-    async def access(self, connection) -> tuple[Access, str]:
-        """The caller's Access and client id (quotas.py), from a WebSocket or a Request."""
+    async def access(self, connection, key: str | None = None) -> tuple[Access, str]:
+        """The caller's Access and client id (quotas.py), from a WebSocket or a Request (or `key`)."""
         if self.policy is None:
             info = await self.call(self.server.ready.remote())
             self.streams = info["streams"]
@@ -159,7 +164,7 @@ class Ingress:
                                        self.cfg.ingress.anonymous_role)
             name = f"{serve.get_replica_context().replica_id.unique_id}.{uuid.uuid4().hex[:8]}"
             self.hub = FeedHub(self.server, name, self.timeout)
-        key = key_from(connection.headers, connection.query_params)
+        key = key or key_from(connection.headers, connection.query_params)
         return self.policy.resolve(key), client_id(key, connection.client.host if connection.client else None)
 
     async def open_session(self, access: Access, client: str, **options) -> dict:
@@ -451,3 +456,20 @@ class Ingress:
         first = [self.session_frame(info, access, True, version, 0, info["token"])]
         return StreamingResponse(self.sse(watcher, self.framer(version), first),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- OpenAI-compatible (chat_completions.py, realtime.py) -------------------------------
+    @app.post("/v1/chat/completions")
+    async def openai_chat(self, request: Request):
+        return await chat_completions(self, request)
+
+    @app.get("/v1/models")
+    async def openai_models(self, request: Request):
+        return await models(self, request)
+
+    @app.get("/v1/models/{model:path}")
+    async def openai_model(self, model: str, request: Request):
+        return await models(self, request, model)
+
+    @app.websocket("/v1/realtime")
+    async def openai_realtime(self, ws: WebSocket):
+        await realtime(self, ws)

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..core.decode import RowDecoder, Sampling, StopRules, cache_bytes, session_rows
 from .access import ServeError
@@ -145,10 +145,18 @@ class SessionEngine:
         return [{"name": s.name, "role": s.role, **({"end_token": s.end_token} if s.end_token else {})}
                 for s in self.schema.streams]
 
-    async def open(self, max_rows: int | None = None, end_on_end_token: bool | None = None, inputs=()) -> dict:
+    async def open(self, max_rows: int | None = None, end_on_end_token: bool | None = None, inputs=(),
+                   sampling: dict[str, dict] | None = None, seed: int | None = None,
+                   gap_rows: int | None = None) -> dict:
         """Start a session; its rows begin at once, on the row clock. max_rows/end_on_end_token
         override the settings for this session (the one-shot endpoint ends on the end token);
-        inputs [(stream, text, force)] are queued before its first row."""
+        sampling {output stream: {field: value}} changes Sampling fields of the settings' for this
+        session; seed gives it random numbers of its own (the same seed, the same draws).
+        inputs [(stream, text, force[, end])] are queued before its first row: all from row 0
+        (gap_rows None), or in turn, each `gap_rows` silent rows after the previous one's last
+        token (a chat's messages). The answer's `prompt` says where the inputs went: `rows` (the
+        row after the last input token), `tokens`, and `reply_from` (the row after the last forced
+        output token: where the model's own writing on that stream begins; 0 without one)."""
         sid = new_session_id(self.replica)
         end = self.settings.end_on_end_token if end_on_end_token is None else end_on_end_token
         # quiet_after_end: the decoder keeps an ended stream silent until the next input re-opens it
@@ -160,22 +168,31 @@ class SessionEngine:
             if len(self.sessions) >= self.max_sessions:
                 raise ServeError("busy", f"this replica runs {len(self.sessions)} of {self.max_sessions} "
                                          "sessions; retry later")
-            self.decoder.open(sid, sampling=self.settings.sampling, stop=stop)
+            per_stream = {**self.settings.sampling}
+            for name, fields in (sampling or {}).items():
+                per_stream[name] = replace(per_stream.get(name, Sampling()), **fields)
+            self.decoder.open(sid, sampling=per_stream, stop=stop, seed=seed)
         token = secrets.token_urlsafe(24)
         self.sessions[sid] = LiveSession(
             sid, token, {name: IncrementalText(self.tokenizer) for name in self.schema.names},
             deque(maxlen=self.settings.backlog_rows),
             typed={s.name: deque() for s in self.schema.streams if s.role == "input"},
         )
+        prompt = {"rows": 0, "tokens": 0, "reply_from": 0}
         try:
-            for stream, text, force in inputs:
-                self.append(sid, stream, text, force)
+            for stream, text, force, *end_turn in inputs:
+                at_row = None if gap_rows is None else prompt["rows"] + (gap_rows if prompt["tokens"] else 0)
+                queued = self.append(sid, stream, text, force, at_row=at_row, end=bool(end_turn and end_turn[0]))
+                last = (at_row or 0) + queued["tokens"]
+                prompt["rows"], prompt["tokens"] = max(prompt["rows"], last), prompt["tokens"] + queued["tokens"]
+                if force:
+                    prompt["reply_from"] = max(prompt["reply_from"], last)
         except ServeError:
             await self.close(sid, "bad_input")
             raise
         if self.loop_task is None or self.loop_task.done():
             self.loop_task = asyncio.get_running_loop().create_task(self._run())
-        return {"id": sid, "token": token, "streams": self.describe()}
+        return {"id": sid, "token": token, "streams": self.describe(), "prompt": prompt}
 
     def owner(self, session_id: str, token: str | None) -> None:
         """Raise `forbidden` unless `token` is the session's (appending and closing need it)."""
