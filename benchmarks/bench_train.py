@@ -270,7 +270,7 @@ def check_equal(models, tokens, doc_ids, release_mask) -> tuple[float, float, st
     Returns (max |diff| bool, max |diff| release, why the bool path fails or None)."""
     labels = next_row_labels(tokens, doc_ids)
     with torch.no_grad():
-        ref = models["ours"](tokens, doc_ids, loss=True)
+        ref = models["ours"](tokens, doc_ids, loss=True, keep_logits=True)
         rel = base_forward(models["release"], tokens, doc_ids, release_mask)
         rel_diff = (rel - ref.logits).abs().max().item()
         assert torch.allclose(rel, ref.logits, rtol=1e-4, atol=1e-5), f"release logits differ by {rel_diff:.2e}"

@@ -46,3 +46,15 @@ def test_chat_decode_benchmark_tiny_run():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "## Chat decoding: tiny random model" in run.stdout and "| 4 | 64 |" in run.stdout
     assert "| 1 | 16 |" in run.stdout and "| 1.00x |" in run.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_quick_run_on_cpu():
+    """bench_gpu.py --quick: the GPU session's script, its code paths on CPU at tiny sizes, so it cannot rot."""
+    run = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for title in ("## (a) Training step", "## (b) Row decoding", "## (c) Training-step memory"):
+        assert title in run.stdout
+    assert "| sdpa | 128 |" in run.stdout and "| 4 |" in run.stdout and "| 1,000 | 256 |" in run.stdout
+    assert "Largest N at >= 20 rows/s per session" in run.stdout

@@ -66,6 +66,11 @@ class ModelConfig(Strict):
     # run for hours
     window_rows: int | None = Field(None, gt=0)
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30 % more compute
+    # the loss projects hidden states to the vocabulary this many MiB of fp32 logits at a time, its
+    # gradients taken on the way (core/model.py WeightedLinearCE): never [B, R, C, V] logits at once
+    # (at 8k cells x 152k words that is ~5 GB); null: the whole logits, then the loss
+    loss_chunk_mb: float | None = Field(256, gt=0)
+    compile: bool = False  # torch.compile the model (inductor; on CPU too): the first steps pay the compile
     lora: LoraConfig | None = None  # null: every weight trains
     seed: int = 0
 

@@ -64,6 +64,7 @@ def build_model(cfg, schema, tokenizer):
             cfg.num_kv_heads, cfg.intermediate_size, cfg.tie_embeddings, seed=cfg.seed,
         )
         model = MultiStreamLM(base, schema.bind(tokenizer), cfg.attention, cfg.window_rows)
+    model.loss_chunk_mb = cfg.loss_chunk_mb
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
     return model, tokenizer

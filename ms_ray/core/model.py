@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -110,7 +111,7 @@ def flex_mask(doc_ids: torch.Tensor, num_streams: int, window: int | None = None
 # ---- the model ---------------------------------------------------------------------------
 @dataclass
 class MultiStreamOutput:
-    logits: torch.Tensor  # [B, R, C, V]
+    logits: torch.Tensor | None  # [B, R, C, V]; None from a loss that never held them (chunked_loss)
     loss: torch.Tensor | None = None  # weighted CE sum / normaliser
     loss_sum: torch.Tensor | None = None  # weighted CE summed over supervised cells
     num_supervised: torch.Tensor | None = None  # cells with a label and weight > 0
@@ -123,8 +124,62 @@ class MultiStreamOutput:
         return {n: s / c for n, s, c in zip(schema.names, sums, counts) if c > 0}
 
 
+class WeightedLinearCE(torch.autograd.Function):
+    """sum_i w_i CE(h_i W^T, y_i) over cells i, with each cell's CE (for logging, no gradient), from
+    hidden [N, H] and the output weight W [V, H], `chunk` cells at a time: a chunk's fp32 logits
+    [chunk, V] live only while its CE and its gradients (w_i (softmax_i - onehot(y_i)) times W, and
+    times h_i for W) are taken, in the forward; backward scales them by the upstream gradient. The
+    [N, V] logits are never held whole and nothing is recomputed (Liger's fused linear CE, weighted)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, cell_w, chunk: int):
+        ce = torch.zeros(len(hidden), dtype=torch.float32, device=hidden.device)  # [N]
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None  # [N, H]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+            else None  # [V, H]
+        for i in range(0, len(hidden), chunk):
+            h, y, w = hidden[i : i + chunk], labels[i : i + chunk], cell_w[i : i + chunk]
+            logits = (h @ weight.T).float()  # [n, V]
+            lse = logits.logsumexp(-1)  # [n]
+            target = y.clamp(min=0)[:, None]  # IGNORE cells: any index, their weight is 0
+            ce[i : i + chunk] = (lse - logits.gather(1, target)[:, 0]) * (y != IGNORE)
+            probs = logits.sub_(lse[:, None]).exp_()  # [n, V], in place: one buffer per chunk
+            probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))
+            probs.mul_(w[:, None])  # d(w_i CE_i)/d logits
+            if grad_h is not None:
+                grad_h[i : i + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += probs.T @ h.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * cell_w).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
+
+
+def checkpointed_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """CE of each cell [N] from hidden [N, H], `chunk` cells at a time, each chunk's logits taken
+    again in backward (torch.utils.checkpoint). For an output layer whose weight exists only inside
+    its own call (DeepSpeed ZeRO-3 gathers it in the module's hooks): it is called as a module."""
+
+    def chunk_ce(h, y):
+        return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
+
+    return torch.cat([checkpoint(chunk_ce, hidden[i : i + chunk], labels[i : i + chunk], use_reentrant=False)
+                      for i in range(0, len(hidden), chunk)])
+
+
 class MultiStreamLM(nn.Module):
     """Wraps a HF causal LM (`base`) so that it reads and writes tables of streams."""
+
+    # the loss takes the vocabulary projection this many MiB of fp32 logits at a time (None: all
+    # logits at once, as a plain LM head does); a training setting (model.loss_chunk_mb), not saved
+    loss_chunk_mb: float | None = 256
 
     def __init__(self, base: PreTrainedModel, schema: StreamSchema, attention: str = "auto",
                  window: int | None = None):
@@ -165,15 +220,20 @@ class MultiStreamLM(nn.Module):
         tok = self.base.get_input_embeddings()(tokens)
         return tok + self.stream_embed(streams).to(tok.dtype)[None]
 
-    def _cells_forward(self, tokens, row_pos, visible, cache=None, keep_rows: int = 0) -> torch.Tensor:
+    def _cells_forward(self, tokens, row_pos, visible, cache=None, keep_rows: int = 0,
+                       hidden_only: bool = False) -> torch.Tensor:
         """The one call of the base model, for both paths: tokens [B, R, C] flattened row-major, each cell
         embedded with its stream and placed at its row's RoPE position row_pos [B, R]; `visible`: the rule
         for these R*C cells (over the cache's cells too, if any), bool [B, S, K] or a BlockMask.
-        -> logits [B, R (keep_rows if > 0), C, V]."""
+        -> logits [B, R (keep_rows if > 0), C, V], or with hidden_only the last hidden states
+        [B, R, C, H] (the base's decoder without its output layer: the chunked loss projects them)."""
         B, R, C = tokens.shape
         x = self.embed(tokens, torch.arange(C, device=tokens.device)).view(B, R * C, -1)  # [B, S, H]
         positions = row_pos[:, :, None].expand(B, R, C).reshape(B, R * C)  # [B, S]: each cell its row's
         mask = additive(visible, x.dtype) if isinstance(visible, torch.Tensor) else visible  # [B, 1, S, K]
+        if hidden_only:
+            out = self.base.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=positions)
+            return out.last_hidden_state.view(B, R, C, -1)
         out = self.base(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=cache is not None, logits_to_keep=keep_rows * C)
         return out.logits.view(B, -1, C, out.logits.shape[-1])
@@ -186,27 +246,51 @@ class MultiStreamLM(nn.Module):
         *,
         loss: bool = False,
         normaliser: float | torch.Tensor | None = None,
+        keep_logits: bool = False,
+        check: bool = True,
+        layout_key: bytes | None = None,
     ) -> MultiStreamOutput:
         """tokens [B, R, C]; doc_ids [B, R] (packed documents, -1 = padding; default one
         document); labels [B, R, C] (default with loss=True: next row, same stream).
         `normaliser` replaces the local count of supervised cells, so data-parallel ranks
-        can divide by the global count."""
-        check_table(tokens, self.schema, self.vocab_size)
+        can divide by the global count. With a loss, the logits are not returned (None) unless
+        keep_logits: the loss then never holds them whole (`chunked_loss`).
+        check=False skips the table check (a device->host sync): for callers that checked
+        their data where it entered (training checks every pack once, train/packs.py).
+        layout_key: the doc_ids' bytes as the caller has them on the host; FlexAttention's
+        BlockMask is then built once per layout and reused when it repeats."""
+        if check:
+            check_table(tokens, self.schema, self.vocab_size)
         B, R, C = tokens.shape
         if doc_ids is None:
             doc_ids = torch.zeros(B, R, dtype=torch.long, device=tokens.device)
         elif doc_ids.shape != (B, R):
             raise TableError(f"doc_ids: expected shape {(B, R)}, got {tuple(doc_ids.shape)}")
 
-        visible = (flex_mask(doc_ids, C, self.window) if self.use_flex(tokens.device)
-                   else dense_visibility(doc_ids, C, self.window))
-        logits = self._cells_forward(tokens, row_positions(doc_ids), visible)  # [B, R, C, V]
-
-        if labels is None and not loss:
-            return MultiStreamOutput(logits)
-        if labels is None:
+        if self.use_flex(tokens.device):
+            visible = self._block_mask(doc_ids, layout_key)
+        else:
+            visible = dense_visibility(doc_ids, C, self.window)
+        loss = loss or labels is not None
+        if loss and labels is None:
             labels = next_row_labels(tokens, doc_ids, IGNORE)
-        return self.weighted_loss(logits, labels, normaliser)
+        if loss and not keep_logits and self.loss_chunk_mb:
+            hidden = self._cells_forward(tokens, row_positions(doc_ids), visible, hidden_only=True)  # [B, R, C, H]
+            return self.chunked_loss(hidden, labels, normaliser)
+        logits = self._cells_forward(tokens, row_positions(doc_ids), visible)  # [B, R, C, V]
+        return self.weighted_loss(logits, labels, normaliser) if loss else MultiStreamOutput(logits)
+
+    def _block_mask(self, doc_ids: torch.Tensor, layout_key: bytes | None):
+        """flex_mask, kept for the last 8 layouts seen (a BlockMask costs a compiled kernel call and a
+        few small tensors; packs of fixed-length documents repeat one layout)."""
+        if layout_key is None:
+            return flex_mask(doc_ids, self.num_streams, self.window)
+        cache = self.__dict__.setdefault("_block_masks", {})
+        if layout_key not in cache:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[layout_key] = flex_mask(doc_ids, self.num_streams, self.window)
+        return cache[layout_key]
 
     def forward_rows(self, rows: torch.Tensor, past_rows: list[int], cache, last_row_only: bool = False
                      ) -> torch.Tensor:
@@ -259,10 +343,34 @@ class MultiStreamLM(nn.Module):
         ce = F.cross_entropy(
             logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(B, R, C)
+        return self._weighted(ce, labels, normaliser, logits)
+
+    def chunked_loss(self, hidden, labels, normaliser=None) -> MultiStreamOutput:
+        """weighted_loss from the last hidden states [B, R, C, H], the output layer applied
+        loss_chunk_mb of fp32 logits at a time (the same loss and gradients; no logits kept)."""
+        B, R, C, H = hidden.shape
+        if labels.shape != (B, R, C):
+            raise TableError(f"labels: expected shape {(B, R, C)}, got {tuple(labels.shape)}")
+        head = self.base.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError("the chunked loss takes an output layer without bias: "
+                                      "set model.loss_chunk_mb: null")
+        chunk = max(1, int(self.loss_chunk_mb * 2**20) // (4 * head.weight.shape[0]))
+        h, y = hidden.reshape(-1, H), labels.reshape(-1)
+        if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partition: the weight exists inside the head's call only
+            ce = checkpointed_cross_entropy(head, h, y, chunk).view(B, R, C)
+            return self._weighted(ce, labels, normaliser)
+        cell_w = ((labels != IGNORE) * torch.tensor(self.schema.loss_weights, device=hidden.device)).reshape(-1)
+        loss_sum, ce = WeightedLinearCE.apply(h, head.weight, y, cell_w, chunk)
+        return self._weighted(ce.view(B, R, C), labels, normaliser, loss_sum=loss_sum)
+
+    def _weighted(self, ce, labels, normaliser, logits=None, loss_sum=None) -> MultiStreamOutput:
+        """CE per cell [B, R, C] -> the loss: weighted per stream (loss_sum: already weighted and
+        summed, by WeightedLinearCE), divided by the supervised-cell count."""
         labelled = labels != IGNORE  # [B, R, C]
-        weights = torch.tensor(self.schema.loss_weights, device=logits.device)  # [C]
+        weights = torch.tensor(self.schema.loss_weights, device=ce.device)  # [C]
         cell_w = labelled * weights  # [B, R, C]
-        loss_sum = (ce * cell_w).sum()
+        loss_sum = (ce * cell_w).sum() if loss_sum is None else loss_sum
         num_supervised = (cell_w > 0).sum()
         denom = num_supervised.clamp(min=1) if normaliser is None else normaliser
         with torch.no_grad():

@@ -147,8 +147,10 @@ class TrainRecipe:
         self.schema = cfg.schema_.build()  # bound to the tokenizer once the model is built
         self.tokenizer = load_tokenizer(self.data_dir / manifest["tokenizer"]["path"], self.schema)
         self.build_engine(deepspeed)
-        self.train_tokens, self.train_docs = rank_packs(ray.train.get_dataset_shard("train"), self.rank, self.world)
-        self.val_tokens, self.val_docs = rank_packs(ray.train.get_dataset_shard("validation"), self.rank, self.world)
+        self.train_tokens, self.train_docs = rank_packs(ray.train.get_dataset_shard("train"), self.rank, self.world,
+                                                        self.schema, self.engine.module.vocab_size)
+        self.val_tokens, self.val_docs = rank_packs(ray.train.get_dataset_shard("validation"), self.rank, self.world,
+                                                    self.schema, self.engine.module.vocab_size)
         if len(self.train_tokens) < self.micro_batch:
             raise RuntimeError(f"rank {self.rank} has {len(self.train_tokens)} training packs, fewer than "
                                f"data.batch_size={self.micro_batch}")
@@ -156,11 +158,11 @@ class TrainRecipe:
         self.tracker = Tracker(self.rank, self.run_dir, cfg, wandb_id)
         if self.rank == 0 and self.last_checkpoint is not None:
             print(f"resumed from step {self.global_step} (W&B run {self.tracker.run_id})", flush=True)
-        self.loss_weights = torch.tensor(self.schema.loss_weights, device=self.device)
+        self.loss_weights = torch.tensor(self.schema.loss_weights)  # on the host, beside the batches
         enabled = cfg.eval.examples_per_task > 0 and is_skills_model(self.schema)
         self.held_out = held_out_examples(cfg.eval, self.tokenizer) if enabled else []
         self.data = micro_batches(self.train_tokens, self.train_docs, self.micro_batch, self.cfg.seed, self.epoch,
-                                  self.batch, self.device)
+                                  self.batch)
 
     def make_model(self):
         """A fresh model, the same on every rank (also the frame of the export)."""
@@ -172,6 +174,8 @@ class TrainRecipe:
         model = self.make_model()
         if cfg.model.gradient_checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.compile:
+            model.compile()  # in place: DeepSpeed wraps the compiled module; checkpoints keep plain names
         self.schema = model.schema
         if cfg.model.lora is not None and self.rank == 0:
             trainable, total = trainable_share(model)  # before ZeRO-3 partitions (empties) the tensors
@@ -242,14 +246,18 @@ class TrainRecipe:
     def micro_step(self) -> None:
         """Forward, backward and engine.step of the next micro-batch; raises Diverged when the
         previous one's loss was not finite on some rank."""
-        epoch, b, tokens, docs = next(self.data)
+        epoch, b, tokens, docs = next(self.data)  # on the host: labels and counts need no device sync
         labels = next_row_labels(tokens, docs, IGNORE)
         # one all-reduce: this micro-batch's supervised cells, and the previous one's loss
-        supervised_here = ((labels != IGNORE) & (self.loss_weights > 0)).sum().item()
+        supervised_here = int(((labels != IGNORE) & (self.loss_weights > 0)).sum())
         supervised, previous = all_sum([supervised_here, self.unchecked_loss]).tolist()
         if non_finite(previous):
             raise Diverged(self.unchecked_step, "loss", previous)
-        out = self.engine(tokens, docs, labels=labels, normaliser=supervised / self.world)
+        layout = docs.numpy().tobytes()  # FlexAttention's BlockMask is reused when a layout repeats
+        tokens, docs, labels = (t.to(self.device, non_blocking=True) for t in (tokens, docs, labels))
+        # check=False: every pack was checked once where it entered (rank_packs), not at each forward
+        out = self.engine(tokens, docs, labels=labels, normaliser=supervised / self.world, check=False,
+                          layout_key=layout)
         self.engine.backward(out.loss)
         self.engine.step()
         sums = torch.cat([out.loss_sum.detach().double().view(1), out.stream_loss_sum.double(),
@@ -320,7 +328,7 @@ class TrainRecipe:
         for b, tokens, docs in batches(self.val_tokens, self.val_docs, self.micro_batch, 0, 0):
             if b >= n_batches:
                 break
-            out = self.engine(tokens.to(self.device), docs.to(self.device), loss=True)
+            out = self.engine(tokens.to(self.device), docs.to(self.device), loss=True, check=False)
             sums += torch.cat([out.stream_loss_sum.double(), out.stream_count.double()]).cpu()
         sums = all_sum(sums)
         metrics = {f"val/loss_{n}": float(s / c) for n, s, c in zip(self.schema.names, sums[:C], sums[C:]) if c}

@@ -11,9 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.streams import check_table
 
-def rank_packs(dataset, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's packs: tokens [N, R, C] and doc_ids [N, R], the same on every run."""
+
+def rank_packs(dataset, rank: int, world: int, schema=None, vocab_size: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's packs: tokens [N, R, C] and doc_ids [N, R], the same on every run. With a
+    schema, every pack is checked here, once, where the data enters (stream count, token ids in
+    [0, vocab_size)): the training forward then skips its per-batch check (a device sync)."""
     ids, tokens, docs = [], [], []
     for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
         ids += list(batch["pack_id"])
@@ -25,7 +30,10 @@ def rank_packs(dataset, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
     R = len(docs[0]) if docs else 0
     if not len(mine):
         return np.zeros((0, R, 1), np.int32), np.zeros((0, R), np.int32)
-    return np.stack([tokens[i] for i in mine]).reshape(len(mine), R, -1), np.stack([docs[i] for i in mine])
+    table = np.stack([tokens[i] for i in mine]).reshape(len(mine), R, -1)
+    if schema is not None:
+        check_table(torch.from_numpy(table), schema, vocab_size, what="prepared packs")
+    return table, np.stack([docs[i] for i in mine])
 
 
 def batches(tokens, docs, batch_size: int, seed: int, epoch: int):
@@ -36,12 +44,12 @@ def batches(tokens, docs, batch_size: int, seed: int, epoch: int):
         yield b, torch.from_numpy(tokens[idx]).long(), torch.from_numpy(docs[idx]).long()
 
 
-def micro_batches(tokens, docs, batch_size: int, seed: int, epoch: int, batch: int, device):
-    """Endless (epoch, batch index, tokens, doc_ids) on `device`, from batch `batch` of `epoch`
-    on: a resumed run continues exactly where the saved one was."""
+def micro_batches(tokens, docs, batch_size: int, seed: int, epoch: int, batch: int, device=None):
+    """Endless (epoch, batch index, tokens, doc_ids), on the host unless `device` is given, from
+    batch `batch` of `epoch` on: a resumed run continues exactly where the saved one was."""
     skip = batch
     while True:
         for b, tok, doc in batches(tokens, docs, batch_size, seed, epoch):
             if b >= skip:
-                yield epoch, b, tok.to(device), doc.to(device)
+                yield (epoch, b, tok, doc) if device is None else (epoch, b, tok.to(device), doc.to(device))
         epoch, skip = epoch + 1, 0

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import make_model
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ms_ray.core.decode import SlotCache
@@ -147,6 +148,12 @@ def test_flex_attention_matches_sdpa(bound):
         sdpa = model(tokens, docs).logits
         model.attention = "flex"
         torch.testing.assert_close(model(tokens, docs).logits, sdpa, atol=1e-5, rtol=1e-5)
+        # a layout seen before reuses its BlockMask (the training loop passes the host's doc_ids bytes)
+        key = docs.numpy().tobytes()
+        torch.testing.assert_close(model(tokens, docs, layout_key=key).logits, sdpa, atol=1e-5, rtol=1e-5)
+        mask = model._block_masks[key]
+        model(tokens, docs, layout_key=key)
+        assert model._block_masks[key] is mask and len(model._block_masks) == 1
 
 
 def test_attention_selection(model):
@@ -161,7 +168,7 @@ def test_attention_selection(model):
 def test_loss_is_next_row_weighted_and_normalised(bound):
     model = make_model(bound, V)
     tokens = torch.randint(3, V, (2, 5, 3), generator=torch.Generator().manual_seed(6))
-    out = model(tokens, loss=True)
+    out = model(tokens, loss=True, keep_logits=True)
     logits = out.logits
     # by hand: cell (r, s) predicts (r+1, s); user weight 0, think 0.5, output 1
     ce = torch.nn.functional.cross_entropy(
@@ -179,6 +186,39 @@ def test_loss_is_next_row_weighted_and_normalised(bound):
     torch.testing.assert_close(model(tokens, loss=True, normaliser=32).loss, expected_sum / 32)
     out.loss.backward()
     assert model.stream_embed.weight.grad is not None and model.stream_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_chunked_loss_equals_the_full_logits_loss_with_its_gradients(bound, family):
+    """The loss over hidden states, projected a few cells at a time (checkpointed), gives the same
+    loss, per-stream sums and gradients as the loss over the whole [B, R, C, V] logits."""
+    torch.manual_seed(0)
+    model = MultiStreamLM(tiny_base_model(family, V, seed=1), bound)
+    nn.init.normal_(model.stream_embed.weight, std=0.1)  # so the stream embedding's gradient is tested too
+    tokens = torch.randint(3, V, (2, 9, 3), generator=torch.Generator().manual_seed(8))
+    docs = torch.tensor([[0] * 5 + [1] * 4, [0] * 7 + [-1] * 2])
+
+    def run(**kwargs):
+        model.zero_grad()
+        out = model(tokens, docs, loss=True, normaliser=40, **kwargs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(keep_logits=True)
+    model.loss_chunk_mb = 4 * V * 5 / 2**20  # 5 cells a chunk: 11 chunks of the 54 cells
+    fused, fused_grads = run()
+    model.base.get_output_embeddings().weight.ds_id = 0  # as DeepSpeed ZeRO-3 marks it: the checkpointed path
+    checkpointed, checkpointed_grads = run()
+    del model.base.get_output_embeddings().weight.ds_id
+    assert full.logits is not None and fused.logits is None and checkpointed.logits is None
+    for chunked, grads in ((fused, fused_grads), (checkpointed, checkpointed_grads)):
+        torch.testing.assert_close(chunked.loss, full.loss)
+        torch.testing.assert_close(chunked.stream_loss_sum, full.stream_loss_sum)
+        assert torch.equal(chunked.num_supervised, full.num_supervised)
+        assert torch.equal(chunked.stream_count, full.stream_count)
+        assert grads.keys() == full_grads.keys() and "stream_embed.weight" in grads
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_save_and_load_round_trip(tmp_path, model, tokenizer):
@@ -229,3 +269,26 @@ def test_bad_input_is_named(model):
         model(torch.full((1, 3, 3), model.vocab_size))
     with pytest.raises(TableError, match="doc_ids: expected shape"):
         model(torch.zeros(1, 3, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_logits_loss_and_gradients(bound):
+    """model.compile (torch.compile, CPU inductor here): the same logits, loss and gradients as eager.
+    One graph (~1 min to compile on 2 cores): the training forward with its logits kept."""
+    model = make_model(bound, V)
+    tokens = torch.randint(3, V, (2, 6, 3), generator=torch.Generator().manual_seed(5))
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, -1]])
+
+    def run():
+        model.zero_grad()
+        out = model(tokens, docs, loss=True, keep_logits=True, check=False)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, eager_grads = run()
+    model.compile()
+    compiled, compiled_grads = run()
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-6, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

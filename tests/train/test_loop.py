@@ -81,7 +81,8 @@ class Engine:
         self.losses, self.grad_norms, self.grad_accum, self.C = list(losses), grad_norms, grad_accum, num_streams
         self.normalisers, self.supervised, self.micro_steps = [], [], 0
 
-    def __call__(self, tokens, docs, labels, normaliser):
+    def __call__(self, tokens, docs, labels, normaliser, check=True, layout_key=None):
+        assert check is False  # the packs were checked where they entered (rank_packs)
         loss = self.losses[len(self.normalisers)]
         self.normalisers.append(normaliser)
         self.supervised.append(int((labels[..., 1:3] != -100).sum()))  # think and output: the weighted streams
@@ -194,3 +195,26 @@ def test_a_non_finite_grad_norm_stops_and_names_the_norm(one_rank, tmp_path):
     assert (record["step"], record["what"], record["value"]) == (3, "grad norm", "inf")
     assert record["lr"] == pytest.approx(r.cfg.optim.lr * lr_lambda(2, r.cfg.optim))
     assert sorted(r.tracker.logged) == [1, 2] and r.finished == [] and r.tracker.exit_code == 1
+
+
+def test_packs_are_checked_once_where_they_enter(tmp_path):
+    """rank_packs checks every pack against the schema (the training forward then skips the check);
+    a bad token id is named with its pack, row and stream."""
+    from ms_ray.core.streams import TableError
+    from ms_ray.data.skills import SKILL_STREAMS
+    from ms_ray.train.packs import rank_packs
+
+    class Shard:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def iter_batches(self, batch_size, batch_format):
+            yield {"pack_id": np.array(["a", "b"]), "tokens": list(self.tokens.reshape(2, -1)),
+                   "doc_ids": list(np.zeros((2, 3), np.int64))}
+
+    tokens = np.ones((2, 3, 5), np.int64)
+    assert rank_packs(Shard(tokens), 0, 1, SKILL_STREAMS, 10)[0].shape == (2, 3, 5)
+    tokens[1, 2, 4] = 10
+    with pytest.raises(TableError, match="prepared packs: token id 10 out of range \\[0, 10\\) at batch 1, row 2, "
+                                         "stream 'tool_call'"):
+        rank_packs(Shard(tokens), 0, 1, SKILL_STREAMS, 10)
