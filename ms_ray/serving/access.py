@@ -8,6 +8,7 @@ error naming the problem and the session goes on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -148,6 +149,20 @@ def parse_json_object(raw: str | bytes | None, max_bytes: int, what: str = "fram
     if bad:
         raise ServeError("bad_frame", bad)
     return frame
+
+
+async def next_raw_frame(ws, pump: asyncio.Task):
+    """A WebSocket client's next frame as sent (text or bytes), or None once `pump` (the task
+    sending to it) has ended or the client has left."""
+    receive = asyncio.create_task(ws.receive())
+    await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
+    if not receive.done():
+        receive.cancel()
+        return None
+    message = receive.result()
+    if message["type"] == "websocket.disconnect":
+        return None
+    return message.get("text") if message.get("text") is not None else message.get("bytes")
 
 
 def parse_frame(raw: str | bytes | None, max_bytes: int) -> dict:

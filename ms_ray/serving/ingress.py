@@ -29,6 +29,7 @@ from .access import (
     ServeError,
     check_frame,
     key_from,
+    next_raw_frame,
     parse_frame,
     parse_json_object,
 )
@@ -299,16 +300,10 @@ class Ingress:
             await send(c["first"])
             pump = asyncio.create_task(self.pump(watcher, self.framer(c["version"]), send, finish, fail))
             while not pump.done():  # the pump ends the connection after the end frame or a fatal error
-                receive = asyncio.create_task(ws.receive())
-                await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
-                    receive.cancel()
-                    break
-                message = receive.result()
-                if message["type"] == "websocket.disconnect":
+                raw = await next_raw_frame(ws, pump)
+                if raw is None:
                     break
                 try:
-                    raw = message.get("text") if message.get("text") is not None else message.get("bytes")
                     frame = parse_frame(raw, self.cfg.ingress.max_frame_bytes)
                     if frame["type"] == "append":
                         if not c["writer"]:

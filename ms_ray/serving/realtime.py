@@ -20,7 +20,7 @@ import json
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from .access import WS_CLOSE, ServeError, parse_json_object
+from .access import WS_CLOSE, ServeError, next_raw_frame, parse_json_object
 from .openai_api import (
     ParamError,
     check_model,
@@ -153,17 +153,11 @@ async def realtime(ingress, ws: WebSocket):
         await send(event("session.created", session=session))
         pump = asyncio.create_task(forward(watcher, responses, send))
         while not pump.done():
-            receive = asyncio.create_task(ws.receive())
-            await asyncio.wait({receive, pump}, return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                receive.cancel()
-                break
-            message = receive.result()
-            if message["type"] == "websocket.disconnect":
+            raw = await next_raw_frame(ws, pump)
+            if raw is None:
                 break
             client_event = None
             try:
-                raw = message.get("text") if message.get("text") is not None else message.get("bytes")
                 frame = parse_json_object(raw, ingress.cfg.ingress.max_frame_bytes, "event")
                 client_event = frame.get("event_id")
                 await send(*await handle(ingress, access, client, info, session, responses, frame))
