@@ -226,7 +226,7 @@ def serve_local(cfg: ServeConfig, blocking: bool = True):
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": cfg.log_level})
         serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
         print(f"ms-ray serve: ready at {url}  (WebSocket {url.replace('http', 'ws', 1)}/v1/sessions, "
-              f"protocol: serve/PROTOCOL.md; Ctrl-C stops)", flush=True)
+              f"OpenAI-compatible base_url {url}/v1; protocol: serve/PROTOCOL.md; Ctrl-C stops)", flush=True)
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
