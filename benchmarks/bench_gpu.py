@@ -114,7 +114,6 @@ def train_row(model, cells: int, steps: int, device) -> dict:
     sync(device)
     seconds = (time.perf_counter() - started) / steps
     peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
-    del optim
     return {"cells": cells, "tok_s": cells / seconds, "flops": step_flops(model, cells) / seconds, "peak_gib": peak}
 
 
