@@ -135,7 +135,7 @@ class SlotCache:
 
     def move(self, src: int, dst: int, cells: int) -> None:
         for store in (self.keys, self.values):
-            for buf in store.values():
+            for buf in store.values() if cells else ():
                 buf[dst, :, :cells] = buf[src, :, :cells]
 
     def drop_front(self, slot: int, drop: int, keep: int, shift_keys) -> None:
@@ -262,8 +262,10 @@ class RowDecoder:
         del self.sessions[session.id]
         last = self.by_slot.pop()
         if last is not session:  # fill the hole with the last slot so slots stay dense
+            # a session that joined since the last step has no cache cells and no logits yet (and
+            # its slot may lie beyond the buffers, which grow at the next forward): nothing to move
             self.cache.move(last.slot, session.slot, (last.rows - last.base) * self.C)
-            if self.next_logits is not None:
+            if self.next_logits is not None and last.has_logits:
                 self.next_logits[session.slot] = self.next_logits[last.slot]
             last.slot = session.slot
             self.by_slot[session.slot] = last

@@ -284,6 +284,26 @@ def test_a_seeded_session_draws_the_same_whoever_decodes_beside_it(model):
     assert seeded_rows(0, seed=12) != alone and len({t for row in alone for t in row}) > 3  # really sampled
 
 
+def test_closing_while_new_sessions_wait_for_their_first_step(model):
+    """Sessions that joined since the last step have no cache cells yet (their slots may lie beyond
+    the buffers): closing an older one moves such a session into the hole without touching the
+    cache, and every session then decodes as it would have (16 chat completions opening and closing
+    at once on a served replica raised IndexError here)."""
+    decoder = RowDecoder(model, max_sessions=16)
+    first = [decoder.open(prefill=[[3, 4, 5]], stop=StopRules(10)) for _ in range(4)]
+    decoder.step()
+    late = [decoder.open(stop=StopRules(10)) for _ in range(8)]  # slots 4..11, beyond the buffers
+    decoder.close(first[1])
+    decoder.close(late[2])
+    alone = RowDecoder(model)
+    reference = alone.open(stop=StopRules(10))
+    expected = [alone.step()[0].tokens for _ in range(5)]
+    got = [[row.tokens for row in decoder.step() if row.session == late[-1]][0] for _ in range(5)]
+    assert got == expected  # the moved, never-stepped session decodes as if alone
+    assert len(decoder.sessions) == 10 and sorted(s.slot for s in decoder.by_slot) == list(range(10))
+    assert reference
+
+
 def test_bad_requests_are_named(model):
     decoder = RowDecoder(model, max_sessions=1)
     sid = decoder.open("x")
