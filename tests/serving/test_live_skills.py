@@ -10,7 +10,6 @@ import os
 import random
 
 import pytest
-from serve_process import start_serve, stop_serve
 
 from ms_ray.data.skills import DICTIONARY, FACTORS
 from ms_ray.serving.client import connect_session
@@ -20,11 +19,8 @@ END = "<|end|>"
 
 
 @pytest.fixture(scope="module")
-def live(skills_export, tmp_path_factory):
-    log = tmp_path_factory.mktemp("live") / "serve.log"
-    proc, url = start_serve(skills_export, ["session.row_interval_s=0.05", "session.quiet_after_end=false"], log)
-    yield url
-    stop_serve(proc)
+def live(live_skills):
+    return live_skills
 
 
 def script(rng: random.Random, questions: int) -> list[tuple[int, str, list[str]]]:

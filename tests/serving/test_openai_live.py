@@ -1,7 +1,8 @@
 """The OpenAI-compatible endpoints as their users meet them: the real `openai` SDK, no code of ours,
-against `ms-ray serve` in its own process (serve/local.yaml, its `local` key) with a model that has
-learnt the skills (conftest.skills_export): right answers, the end token as finish_reason "stop",
-the server-side calculator visible beside the answer, and a Realtime session with two questions."""
+against `ms-ray serve` in its own process (conftest.live_skills: serve/local.yaml, its `local` key)
+with a model that has learnt the skills (conftest.skills_export): right answers, the end token as
+finish_reason "stop", the server-side calculator visible beside the answer, and a Realtime session
+with two questions."""
 
 import asyncio
 import random
@@ -9,7 +10,6 @@ import time
 
 import openai
 import pytest
-from serve_process import start_serve, stop_serve
 
 from ms_ray.data.skills import DICTIONARY, FACTORS
 
@@ -17,11 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served_skills(skills_export, tmp_path_factory):
-    log = tmp_path_factory.mktemp("openai_live") / "serve.log"
-    proc, url = start_serve(skills_export, ["session.row_interval_s=0.02", "session.quiet_after_end=false"], log)
-    yield url
-    stop_serve(proc)
+def served_skills(live_skills):
+    return live_skills
 
 
 def questions(seed: int):
