@@ -149,7 +149,7 @@ class WeightedLinearCE(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i : i + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += probs.T @ h.float()
+                grad_w.addmm_(probs.T, h.float())  # in place: no [V, H] temporary per chunk
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)
