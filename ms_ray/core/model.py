@@ -360,16 +360,19 @@ class MultiStreamLM(nn.Module):
         if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partition: the weight exists inside the head's call only
             ce = checkpointed_cross_entropy(head, h, y, chunk).view(B, R, C)
             return self._weighted(ce, labels, normaliser)
-        cell_w = ((labels != IGNORE) * torch.tensor(self.schema.loss_weights, device=hidden.device)).reshape(-1)
-        loss_sum, ce = WeightedLinearCE.apply(h, head.weight, y, cell_w, chunk)
-        return self._weighted(ce.view(B, R, C), labels, normaliser, loss_sum=loss_sum)
+        cell_w = self._cell_weights(labels)  # [B, R, C]
+        loss_sum, ce = WeightedLinearCE.apply(h, head.weight, y, cell_w.reshape(-1), chunk)
+        return self._weighted(ce.view(B, R, C), labels, normaliser, loss_sum=loss_sum, cell_w=cell_w)
 
-    def _weighted(self, ce, labels, normaliser, logits=None, loss_sum=None) -> MultiStreamOutput:
+    def _cell_weights(self, labels) -> torch.Tensor:
+        """Each cell's loss weight [B, R, C]: its stream's, 0 where there is no label."""
+        return (labels != IGNORE) * torch.tensor(self.schema.loss_weights, device=labels.device)
+
+    def _weighted(self, ce, labels, normaliser, logits=None, loss_sum=None, cell_w=None) -> MultiStreamOutput:
         """CE per cell [B, R, C] -> the loss: weighted per stream (loss_sum: already weighted and
-        summed, by WeightedLinearCE), divided by the supervised-cell count."""
+        summed, by WeightedLinearCE, with its cell_w), divided by the supervised-cell count."""
         labelled = labels != IGNORE  # [B, R, C]
-        weights = torch.tensor(self.schema.loss_weights, device=ce.device)  # [C]
-        cell_w = labelled * weights  # [B, R, C]
+        cell_w = self._cell_weights(labels) if cell_w is None else cell_w  # [B, R, C]
         loss_sum = (ce * cell_w).sum() if loss_sum is None else loss_sum
         num_supervised = (cell_w > 0).sum()
         denom = num_supervised.clamp(min=1) if normaliser is None else normaliser

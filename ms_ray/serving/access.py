@@ -27,6 +27,12 @@ class ServeError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+def retry_headers(err: ServeError, retry_after: int | None = None) -> dict | None:
+    """The Retry-After header of a refusal: the error's own, or `retry_after` for busy and rate_limited."""
+    retry = err.retry_after or (retry_after if err.code in ("busy", "rate_limited") else None)
+    return {"Retry-After": str(retry)} if retry else None
+
+
 HTTP_STATUS = {  # protocol error code -> HTTP status
     "unauthorized": 401, "forbidden": 403, "output_stream": 403, "unknown_stream": 400, "bad_json": 400,
     "bad_frame": 400, "bad_utf8": 400, "too_large": 413, "unknown_session": 404, "session_ended": 410,

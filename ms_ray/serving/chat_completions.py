@@ -14,7 +14,7 @@ import numbers
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .access import ServeError
+from .access import ServeError, retry_headers
 from .openai_api import (
     ParamError,
     Reply,
@@ -48,9 +48,8 @@ MESSAGE_FIELDS = {"role", "content", "name", "tool_call_id"}  # name, tool_call_
 
 
 def error_response(err: ServeError, retry_after: int | None = None) -> JSONResponse:
-    retry = err.retry_after or (retry_after if err.code in ("busy", "rate_limited") else None)
     return JSONResponse({"error": error_object(err)}, status_code=status_of(err),
-                        headers={"Retry-After": str(retry)} if retry else None)
+                        headers=retry_headers(err, retry_after))
 
 
 def number(body: dict, name: str, low: float, high: float, integer: bool = False):

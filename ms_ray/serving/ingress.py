@@ -32,6 +32,7 @@ from .access import (
     next_raw_frame,
     parse_frame,
     parse_json_object,
+    retry_headers,
 )
 from .chat_completions import chat_completions, models
 from .feeds import FeedHub, Watcher, as_serve_error, awaited, error_event
@@ -53,10 +54,8 @@ VERSIONS = (1, 2)  # 1: a frame per row; 2: "rows" frames (several rows, silent 
 
 
 def error_body(err: ServeError, retry_after: int | None = None) -> JSONResponse:
-    retry = err.retry_after or (retry_after if err.code in ("busy", "rate_limited") else None)
     return JSONResponse({"type": "error", "code": err.code, "message": err.message},
-                        status_code=HTTP_STATUS.get(err.code, 500),
-                        headers={"Retry-After": str(retry)} if retry else None)
+                        status_code=HTTP_STATUS.get(err.code, 500), headers=retry_headers(err, retry_after))
 
 
 def socket_senders(ws: WebSocket):
